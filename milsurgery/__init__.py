@@ -1,0 +1,50 @@
+"""milsurgery: low-level surgery on Core ML ML-program packages.
+
+Works on the files directly: parses ``.mlpackage`` specs and ``weight.bin`` blob files with
+memory maps, merges functions into one multi-function program, coalesces identical weight blobs
+byte-exactly, and copies weight bytes file to file so memory stays flat.
+"""
+
+from .assemble import Pick, WriteReport, write_package
+from .blobfile import Blob, BlobFile, BlobWriter
+from .errors import (
+    BlobFileError,
+    DestinationExistsError,
+    FormatError,
+    ManifestError,
+    MilSurgeryError,
+    PackageError,
+    SpecError,
+    UnsafePathError,
+    UsageError,
+    WriteError,
+)
+from .inspect import inspect_package
+from .merge import merge, parse_source
+from .package import Package, open_package
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "Blob",
+    "BlobFile",
+    "BlobFileError",
+    "BlobWriter",
+    "DestinationExistsError",
+    "FormatError",
+    "ManifestError",
+    "MilSurgeryError",
+    "Package",
+    "PackageError",
+    "Pick",
+    "SpecError",
+    "UnsafePathError",
+    "UsageError",
+    "WriteError",
+    "WriteReport",
+    "inspect_package",
+    "merge",
+    "open_package",
+    "parse_source",
+    "write_package",
+]

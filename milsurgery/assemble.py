@@ -1,0 +1,253 @@
+"""The pipeline every package-producing command shares: pick functions, coalesce, write.
+
+``merge``, ``shrink``, ``extract``, ``remove`` and ``rename`` differ only in which functions they
+pick and what they call them. :func:`write_package` takes those picks and:
+
+1. builds the output spec: the first source's spec (so unknown fields, metadata and program
+   attributes survive) with a program holding exactly the picked functions, each a copy of its
+   source's Function message, and a FunctionDescription per function;
+2. pairs every blob reference of the output with the source blob it came from;
+3. groups the referenced source blobs by identical content (:mod:`milsurgery.coalesce`);
+4. copies one blob per content, file to file, into the output's single ``weight.bin`` and points
+   every reference at it;
+5. writes spec and manifest and renames the staged package into place.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+
+from ._proto import milsurgery_spec_pb2 as pb
+from .blobfile import BlobWriter
+from .coalesce import BlobSource, Stats, group_identical
+from .errors import UsageError
+from .formats import (
+    DEFAULT_WEIGHT_REF,
+    MAIN_FUNCTION,
+    MULTIFUNCTION_SPEC_VERSION,
+    SPEC_FOR_OPSET,
+    WEIGHT_FILE_NAME,
+)
+from .package import Package, ResolvedRef, StagedPackage
+from .spec import BlobRef, iter_blob_refs, iter_function_values
+
+__all__ = ["Pick", "WriteReport", "build_model", "write_package", "Progress"]
+
+#: progress(phase, done, total): phase is "hashing" or "copying"; done and total are bytes.
+Progress = Callable[[str, int, int], None]
+
+
+@dataclass(frozen=True)
+class Pick:
+    """One function of the output: ``source``'s function ``name``, written as ``new_name``."""
+
+    source: Package
+    name: str
+    new_name: str
+
+
+@dataclass
+class WriteReport:
+    """What a command wrote and what it cost."""
+
+    output: str
+    functions: list[str]
+    default_function: str
+    spec_version: int
+    references: int = 0  # blob references in the output spec
+    source_blobs: int = 0  # distinct source blobs referenced
+    blobs_written: int = 0  # records in the output weight.bin
+    blobs_coalesced: int = 0  # source blobs folded into an identical one
+    bytes_coalesced: int = 0  # data bytes not written thanks to coalescing
+    bytes_read: int = 0  # weight bytes read to hash, compare and copy
+    bytes_written: int = 0  # size of the output weight.bin
+    seconds: float = 0.0
+    warnings: list[str] = field(default_factory=list)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def _function_spec_version(pick: Pick) -> int:
+    """The lowest spec version that can hold ``pick``'s function as a single-function model."""
+    opset_names = [e.key for e in pick.source.function(pick.name).block_specializations]
+    version = max((SPEC_FOR_OPSET.get(o, pick.source.model.specificationVersion) for o in opset_names), default=0)
+    if pick.source.descriptions[pick.name].state:
+        version = max(version, MULTIFUNCTION_SPEC_VERSION)
+    return version
+
+
+def _merge_metadata(out: pb.Model, sources: list[Package], warnings: list[str]) -> None:
+    meta = out.description.metadata
+    keys = {e.key: e.value for e in meta.userDefined}
+    for pkg in sources[1:]:
+        other = pkg.model.description.metadata
+        for name in ("shortDescription", "versionString", "author", "license"):
+            if not getattr(meta, name) and getattr(other, name):
+                setattr(meta, name, getattr(other, name))
+        for e in other.userDefined:
+            if e.key not in keys:
+                meta.userDefined.add(key=e.key, value=e.value)
+                keys[e.key] = e.value
+            elif keys[e.key] != e.value:
+                warnings.append(
+                    f"metadata userDefined[{e.key!r}]: kept {keys[e.key]!r} from the first source, "
+                    f"dropped {e.value!r} from {pkg.path}"
+                )
+
+
+def _set_io(target, desc: pb.FunctionDescription) -> None:
+    """Copy a function's I/O onto a ModelDescription or FunctionDescription."""
+    for name in ("input", "output", "state"):
+        getattr(target, name).extend(getattr(desc, name))
+    target.predictedFeatureName = desc.predictedFeatureName
+    target.predictedProbabilitiesName = desc.predictedProbabilitiesName
+
+
+def build_model(
+    picks: list[Pick], *, default: str | None = None, single: bool = False, warnings: list[str] | None = None
+) -> tuple[pb.Model, list[tuple[BlobRef, ResolvedRef]]]:
+    """The output spec for ``picks`` and, for each of its blob references, the source blob.
+
+    The returned references still hold the sources' file names and offsets; the caller rewrites
+    them. ``single`` produces an ordinary single-function model (one pick, named ``main``).
+    """
+    warnings = warnings if warnings is not None else []
+    if not picks:
+        raise UsageError("no functions selected")
+    names = [p.new_name for p in picks]
+    for i, p in enumerate(picks):
+        if p.new_name in names[:i]:
+            first = picks[names.index(p.new_name)]
+            raise UsageError(
+                f"two functions would be named {p.new_name!r}: {first.name!r} from {first.source.path} "
+                f"and {p.name!r} from {p.source.path}"
+            )
+    if single and len(picks) != 1:
+        raise UsageError(f"a single-function model holds one function, {len(picks)} were selected")
+    default = default if default is not None else picks[0].new_name
+    if default not in names:
+        raise UsageError(f"default function {default!r} is not among the output functions {names}")
+
+    sources: list[Package] = []
+    for p in picks:
+        if all(p.source is not s for s in sources):
+            sources.append(p.source)
+    base = sources[0]
+    out = pb.Model()
+    out.CopyFrom(base.model)
+    desc = out.description
+    for name in ("input", "output", "state", "functions"):
+        desc.ClearField(name)
+    desc.ClearField("predictedFeatureName")
+    desc.ClearField("predictedProbabilitiesName")
+    desc.ClearField("defaultFunctionName")
+    out.mlProgram.ClearField("functions")
+    _merge_metadata(out, sources, warnings)
+
+    pairs: list[tuple[BlobRef, ResolvedRef]] = []
+    # Program attributes: the first source's, plus keys only later sources have.
+    prog_keys = {e.key for e in out.mlProgram.attributes}
+    for pkg in sources[1:]:
+        for e in pkg.model.mlProgram.attributes:
+            if e.key not in prog_keys:
+                out.mlProgram.attributes.add(key=e.key).value.CopyFrom(e.value)
+                prog_keys.add(e.key)
+        if not out.mlProgram.docString and pkg.model.mlProgram.docString:
+            out.mlProgram.docString = pkg.model.mlProgram.docString
+    owner = {}
+    for pkg in reversed(sources):
+        for e in pkg.model.mlProgram.attributes:
+            owner[e.key] = pkg
+    by_location = {
+        (id(pkg), r.ref.location): r for pkg in sources for r in pkg.refs if r.ref.function == ""
+    }
+    for ref in iter_blob_refs(out):
+        if ref.function == "":
+            key = ref.location[len("program.attributes[") :].split("]", 1)[0]
+            pairs.append((ref, by_location[(id(owner[key]), ref.location)]))
+
+    versions = []
+    for p in picks:
+        entry = out.mlProgram.functions.add(key=MAIN_FUNCTION if single else p.new_name)
+        entry.value.CopyFrom(p.source.function(p.name))
+        new_refs = list(iter_blob_refs(out, functions=[entry.key]))
+        src_refs = p.source.function_refs(p.name)
+        assert len(new_refs) == len(src_refs), "a copied function must walk like its source"
+        pairs.extend(zip(new_refs, src_refs))
+        fdesc = pb.FunctionDescription(name=p.new_name)
+        _set_io(fdesc, p.source.descriptions[p.name])
+        if not single:
+            desc.functions.append(fdesc)
+        versions.append(p.source.model.specificationVersion)
+
+    if single:
+        _set_io(desc, p.source.descriptions[p.name])
+        out.specificationVersion = _function_spec_version(picks[0])
+    else:
+        # Model-level I/O mirrors the default function, as coremltools writes it.
+        _set_io(desc, next(f for f in desc.functions if f.name == default))
+        desc.defaultFunctionName = default
+        out.specificationVersion = max([MULTIFUNCTION_SPEC_VERSION, *versions])
+    return out, pairs
+
+
+def write_package(
+    dest: str | os.PathLike,
+    picks: list[Pick],
+    *,
+    default: str | None = None,
+    single: bool = False,
+    force: bool = False,
+    progress: Progress | None = None,
+) -> WriteReport:
+    """Write a new package holding ``picks`` to ``dest`` atomically; see the module docstring."""
+    start = time.perf_counter()
+    warnings: list[str] = []
+    model, pairs = build_model(picks, default=default, single=single, warnings=warnings)
+    report = WriteReport(
+        output=os.path.abspath(os.fspath(dest)),
+        functions=[MAIN_FUNCTION] if single else [p.new_name for p in picks],
+        default_function=MAIN_FUNCTION if single else (default or picks[0].new_name),
+        spec_version=model.specificationVersion,
+        references=len(pairs),
+        warnings=warnings,
+    )
+    for p in picks:
+        if os.path.realpath(report.output) == os.path.realpath(p.source.path):
+            raise UsageError(f"{report.output}: the output cannot be one of the sources")
+    sources = [BlobSource(r.file, r.blob) for _, r in pairs]
+    stats = Stats()
+    total = sum(s.blob.size for s in {s.key: s for s in sources}.values())
+    canonical = group_identical(
+        sources, stats, on_progress=(lambda done: progress("hashing", done, total)) if progress else None
+    )
+    with StagedPackage(dest, force=force) as staged:
+        offsets: dict[int, int] = {}
+        copied = 0
+        with BlobWriter(staged.weight_path(WEIGHT_FILE_NAME)) as writer:
+            for i, src in enumerate(sources):
+                if canonical[i] == i:
+                    offsets[i] = writer.copy_from(src.file, src.blob)
+                    copied += src.blob.size
+                    if progress:
+                        progress("copying", copied, total)
+        for (ref, _), c in zip(pairs, canonical):
+            ref.value.blobFileValue.fileName = DEFAULT_WEIGHT_REF
+            ref.value.blobFileValue.offset = offsets[c]
+        staged.commit(model)
+    first_index: dict[tuple[int, int], int] = {}
+    for i, src in enumerate(sources):
+        first_index.setdefault(src.key, i)
+    folded = [i for i in first_index.values() if canonical[i] != i]
+    report.source_blobs = len(first_index)
+    report.blobs_written = len(offsets)
+    report.blobs_coalesced = len(folded)
+    report.bytes_coalesced = sum(sources[i].blob.size for i in folded)
+    report.bytes_read = stats.bytes_read + copied
+    report.bytes_written = writer.size
+    report.seconds = time.perf_counter() - start
+    return report

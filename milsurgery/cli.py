@@ -1,0 +1,139 @@
+"""The ``milsurgery`` command line: parses arguments, calls the library, prints.
+
+Exit status: 0 success; 1 ``verify`` found a difference; 2 any error (one line on stderr,
+``milsurgery: error: ...``; ``--debug`` adds the traceback).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+import traceback
+
+from . import __version__
+from .errors import MilSurgeryError
+
+__all__ = ["main", "build_parser"]
+
+
+class ProgressBar:
+    """A one-line progress bar on stderr, drawn only when stderr is a terminal."""
+
+    def __init__(self, enabled: bool):
+        self.enabled = enabled and sys.stderr.isatty()
+        self._last = 0.0
+        self._phase = ""
+
+    def __call__(self, phase: str, done: int, total: int) -> None:
+        if not self.enabled:
+            return
+        now = time.monotonic()
+        if phase == self._phase and now - self._last < 0.1 and done < total:
+            return
+        self._phase, self._last = phase, now
+        frac = done / total if total else 1.0
+        bar = "#" * int(frac * 30)
+        sys.stderr.write(f"\r{phase:8s} [{bar:<30s}] {frac * 100:5.1f}% {done / 2**20:9.1f} MiB")
+        sys.stderr.flush()
+
+    def finish(self) -> None:
+        if self.enabled and self._phase:
+            sys.stderr.write("\r" + " " * 72 + "\r")
+            sys.stderr.flush()
+
+
+def _print_json(obj) -> None:
+    json.dump(obj, sys.stdout, indent=2, sort_keys=False)
+    sys.stdout.write("\n")
+
+
+def _print_report(report, quiet: bool, as_json: bool) -> None:
+    if as_json:
+        _print_json(report.to_dict())
+        return
+    for w in report.warnings:
+        print(f"milsurgery: warning: {w}", file=sys.stderr)
+    if quiet:
+        return
+    print(
+        f"wrote {report.output}: functions {', '.join(report.functions)} "
+        f"(default {report.default_function!r}), spec version {report.spec_version}"
+    )
+    print(
+        f"  weight.bin {report.bytes_written} bytes, {report.blobs_written} blobs "
+        f"({report.blobs_coalesced} coalesced, {report.bytes_coalesced} bytes saved); "
+        f"read {report.bytes_read} bytes in {report.seconds:.2f} s"
+    )
+
+
+def cmd_inspect(args) -> int:
+    from .inspect import inspect_package, render_text
+
+    info = inspect_package(args.package, duplicates=not args.no_duplicates)
+    if args.json:
+        _print_json(info)
+    else:
+        print(render_text(info))
+    return 0
+
+
+def cmd_merge(args) -> int:
+    from .merge import merge
+
+    bar = ProgressBar(not args.quiet)
+    try:
+        report = merge(args.sources, args.output, default=args.default, force=args.force, verify=args.verify, progress=bar)
+    finally:
+        bar.finish()
+    _print_report(report, args.quiet, args.json)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="milsurgery",
+        description="Low-level surgery on Core ML ML-program packages (.mlpackage).",
+    )
+    parser.add_argument("--version", action="version", version=f"milsurgery {__version__}")
+    parser.add_argument("--debug", action="store_true", help="show a traceback on errors")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    p = sub.add_parser("inspect", help="describe a package: functions, blobs, sharing, duplicates")
+    p.add_argument("package", metavar="PKG")
+    p.add_argument("--json", action="store_true", help="machine-readable output (stable keys)")
+    p.add_argument("--no-duplicates", action="store_true", help="skip the duplicate-content search (reads no weight bytes)")
+    p.set_defaults(func=cmd_inspect)
+
+    p = sub.add_parser("merge", help="merge functions of several packages into one multi-function package")
+    p.add_argument("sources", nargs="+", metavar="SRC[:FUNC[=NEW]]")
+    p.add_argument("-o", "--output", required=True, metavar="OUT.mlpackage")
+    p.add_argument("--default", metavar="NAME", help="default function (otherwise the first)")
+    p.add_argument("--force", action="store_true", help="replace OUT if it exists")
+    p.add_argument("--verify", action="store_true", help="check the output against its sources before reporting success")
+    p.add_argument("--quiet", action="store_true", help="no progress bar, no summary")
+    p.add_argument("--json", action="store_true", help="print the report as JSON")
+    p.set_defaults(func=cmd_merge)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return args.func(args)
+    except MilSurgeryError as exc:
+        if args.debug:
+            traceback.print_exc()
+        print(f"milsurgery: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("milsurgery: interrupted; no output was written", file=sys.stderr)
+        return 130
+    except BrokenPipeError:
+        return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

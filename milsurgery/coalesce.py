@@ -1,0 +1,141 @@
+"""Finding blobs with identical content: group by shape of the data, hash, confirm byte by byte.
+
+Two blobs are the same weight iff they have the same dtype, the same size, the same sub-byte
+padding and the same bytes. The bit pattern decides: -0.0 and 0.0 differ, a NaN-bearing tensor
+equals its exact copy. Hashes (xxh3-128) only pick candidates; a byte comparison decides.
+
+Bytes are read through bounded mmap windows that are unmapped as soon as they are used, so a
+process's resident memory does not grow with the size of the blobs.
+"""
+
+from __future__ import annotations
+
+import mmap
+from collections.abc import Callable, Hashable, Sequence
+from dataclasses import dataclass
+
+import xxhash
+
+from .blobfile import Blob, BlobFile
+
+__all__ = ["BlobSource", "Stats", "group_identical", "blob_digest", "blobs_equal", "WINDOW"]
+
+#: Bytes mapped at once while hashing or comparing.
+WINDOW = 32 << 20
+_PAGE = mmap.ALLOCATIONGRANULARITY
+
+
+@dataclass(frozen=True)
+class BlobSource:
+    """A blob in a particular open file."""
+
+    file: BlobFile
+    blob: Blob
+
+    @property
+    def key(self) -> tuple[int, int]:
+        """Identity of the physical blob (same file object, same record)."""
+        return (id(self.file), self.blob.record_offset)
+
+    @property
+    def shape_key(self) -> tuple[int, int, int]:
+        b = self.blob
+        return (b.dtype.code, b.size, b.padding_bits if b.dtype.sub_byte else 0)
+
+
+def _windows(src: BlobSource, window: int = WINDOW):
+    """Yield memoryviews covering the blob's data, one short-lived mapping at a time."""
+    start, end = src.blob.data_offset, src.blob.data_offset + src.blob.size
+    pos = start
+    while pos < end:
+        base = pos - pos % _PAGE
+        length = min(end, base + window) - base
+        mm = mmap.mmap(src.file.fileno(), length, access=mmap.ACCESS_READ, offset=base)
+        try:
+            if hasattr(mm, "madvise"):
+                mm.madvise(mmap.MADV_SEQUENTIAL)
+            with memoryview(mm) as whole, whole[pos - base : length] as view:
+                yield view
+        finally:
+            mm.close()
+        pos = base + length
+
+
+@dataclass
+class Stats:
+    """What identity checks cost: bytes hashed and bytes compared."""
+
+    bytes_hashed: int = 0
+    bytes_compared: int = 0
+
+    @property
+    def bytes_read(self) -> int:
+        return self.bytes_hashed + self.bytes_compared
+
+
+def blob_digest(src: BlobSource, stats: Stats | None = None) -> bytes:
+    """xxh3-128 of a blob's data, read through mmap windows."""
+    h = xxhash.xxh3_128()
+    for view in _windows(src):
+        h.update(view)
+    if stats is not None:
+        stats.bytes_hashed += src.blob.size
+    return h.digest()
+
+
+def blobs_equal(a: BlobSource, b: BlobSource, stats: Stats | None = None) -> bool:
+    """True iff two blobs have the same dtype, size, padding and bytes."""
+    if a.shape_key != b.shape_key:
+        return False
+    if a.key == b.key:
+        return True
+    for va, vb in zip(_windows(a), _windows(b)):
+        if stats is not None:
+            stats.bytes_compared += 2 * len(va)
+        if va != vb:
+            return False
+    return True
+
+
+def group_identical(
+    sources: Sequence[BlobSource],
+    stats: Stats | None = None,
+    on_progress: Callable[[int], None] | None = None,
+) -> list[int]:
+    """For each source, the index of the first source with identical content (itself if none).
+
+    Only blobs whose (dtype, size, padding) collide are hashed; equal hashes are confirmed by
+    comparing bytes. ``on_progress`` is called with the bytes processed so far.
+    """
+    canonical = list(range(len(sources)))
+    by_shape: dict[Hashable, list[int]] = {}
+    seen_physical: dict[tuple[int, int], int] = {}
+    for i, src in enumerate(sources):
+        first = seen_physical.setdefault(src.key, i)
+        if first != i:
+            canonical[i] = first
+            continue
+        by_shape.setdefault(src.shape_key, []).append(i)
+    done = 0
+    for members in by_shape.values():
+        if len(members) < 2:
+            continue
+        by_digest: dict[bytes, list[int]] = {}
+        for i in members:
+            by_digest.setdefault(blob_digest(sources[i], stats), []).append(i)
+            done += sources[i].blob.size
+            if on_progress:
+                on_progress(done)
+        for same_hash in by_digest.values():
+            reps: list[int] = []
+            for i in same_hash:
+                for r in reps:
+                    if blobs_equal(sources[r], sources[i], stats):
+                        canonical[i] = r
+                        break
+                else:
+                    reps.append(i)
+    # Point duplicates of a physical blob at the canonical of its first occurrence.
+    for i, c in enumerate(canonical):
+        canonical[i] = canonical[c]
+    return canonical

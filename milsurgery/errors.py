@@ -1,0 +1,69 @@
+"""The exception hierarchy: every failure milsurgery reports derives from :class:`MilSurgeryError`.
+
+Messages name the file, and where it applies the byte offset, the spec field or the function, so a
+user can find the fault without a debugger. The CLI prints ``milsurgery: error: <message>`` and
+exits 2 for any of them.
+"""
+
+from __future__ import annotations
+
+import os
+
+__all__ = [
+    "MilSurgeryError",
+    "FormatError",
+    "BlobFileError",
+    "SpecError",
+    "ManifestError",
+    "PackageError",
+    "UnsafePathError",
+    "UsageError",
+    "DestinationExistsError",
+    "WriteError",
+]
+
+
+class MilSurgeryError(Exception):
+    """Base class of every error milsurgery raises on purpose."""
+
+
+class FormatError(MilSurgeryError):
+    """A file does not follow the format it claims to be in."""
+
+    def __init__(self, path: str | os.PathLike, message: str, offset: int | None = None):
+        self.path = os.fspath(path)
+        self.offset = offset
+        where = self.path if offset is None else f"{self.path} at offset {offset}"
+        super().__init__(f"{where}: {message}")
+
+
+class BlobFileError(FormatError):
+    """weight.bin (MIL blob storage) is malformed."""
+
+
+class SpecError(FormatError):
+    """model.mlmodel is malformed, not an ML program, or inconsistent with its weights."""
+
+
+class ManifestError(FormatError):
+    """Manifest.json is missing, malformed or points outside the package."""
+
+
+class PackageError(MilSurgeryError):
+    """A package is not usable for the requested operation (missing files, wrong layout)."""
+
+
+class UnsafePathError(PackageError):
+    """A path recorded in a package would leave the package (``..``, absolute, symlink)."""
+
+
+class UsageError(MilSurgeryError):
+    """The caller asked for something inconsistent (unknown function, name clash, bad argument)."""
+
+
+class DestinationExistsError(UsageError):
+    """The output path exists and overwriting was not requested."""
+
+
+class WriteError(MilSurgeryError):
+    """Writing the output failed (disk full, permission denied...); nothing was left behind."""

@@ -1,0 +1,235 @@
+"""``inspect``: what a package holds, which bytes each function references, what is shared.
+
+Everything except the duplicate search comes from the spec and the 64-byte blob records: no
+weight bytes are read. The duplicate search hashes only blobs whose dtype and size collide.
+The dictionary :func:`inspect_package` returns is the stable ``--json`` output (see README).
+"""
+
+from __future__ import annotations
+
+import os
+from itertools import combinations
+
+from ._proto import milsurgery_spec_pb2 as pb
+from .coalesce import BlobSource, group_identical
+from .package import Package
+from .spec import op_type_histogram
+
+__all__ = ["inspect_package", "render_text", "feature_summary", "JSON_SCHEMA_VERSION"]
+
+#: Bumped when a key of the JSON output changes meaning or disappears (additions keep it).
+JSON_SCHEMA_VERSION = 1
+
+_ARRAY_TYPES = {65568: "fp32", 65600: "fp64", 131104: "int32", 131080: "int8", 65552: "fp16"}
+
+
+def _shape_text(arr: pb.ArrayFeatureType) -> str:
+    kind = arr.WhichOneof("ShapeFlexibility")
+    if kind == "shapeRange":
+        dims = [
+            f"{r.lowerBound}..{'inf' if r.upperBound < 0 else r.upperBound}"
+            if r.upperBound != r.lowerBound
+            else str(r.lowerBound)
+            for r in arr.shapeRange.sizeRanges
+        ]
+        return "[" + ", ".join(dims) + "]"
+    if not arr.shape and kind is None:
+        return "[unspecified]"
+    shape = "[" + ", ".join(str(d) for d in arr.shape) + "]"
+    if kind == "enumeratedShapes":
+        shape += f" (one of {len(arr.enumeratedShapes.shapes)} shapes)"
+    return shape
+
+
+def feature_summary(fd: pb.FeatureDescription) -> dict:
+    """A feature as ``{"name", "type", "shape"?, "dtype"?, "optional"}``."""
+    t = fd.type
+    kind = t.WhichOneof("Type") or "unknown"
+    out: dict = {"name": fd.name, "type": kind}
+    arr = None
+    if kind == "multiArrayType":
+        arr = t.multiArrayType
+    elif kind == "stateType" and t.stateType.WhichOneof("Type") == "arrayType":
+        arr = t.stateType.arrayType
+    elif kind == "imageType":
+        out["shape"] = f"[{t.imageType.height}, {t.imageType.width}]"
+        out["dtype"] = pb.ImageFeatureType.ColorSpace.Name(t.imageType.colorSpace) if t.imageType.colorSpace in pb.ImageFeatureType.ColorSpace.values() else str(t.imageType.colorSpace)
+    if arr is not None:
+        out["shape"] = _shape_text(arr)
+        out["dtype"] = _ARRAY_TYPES.get(arr.dataType, str(arr.dataType))
+    out["optional"] = bool(t.isOptional)
+    return out
+
+
+def _feature_text(f: dict) -> str:
+    bits = [f["name"] + ":", f["type"].replace("Type", "")]
+    if "dtype" in f:
+        bits.append(f["dtype"])
+    if "shape" in f:
+        bits.append(f["shape"])
+    if f["optional"]:
+        bits.append("(optional)")
+    return " ".join(bits)
+
+
+def inspect_package(path: str | os.PathLike, *, duplicates: bool = True) -> dict:
+    """Describe a package; see README ("inspect --json") for every key.
+
+    Blob identity across functions is by (file, offset): two functions share bytes when they
+    reference the same record. ``duplicates`` searches for records with identical content at
+    different offsets (what ``shrink`` would recover); it reads the bytes of colliding blobs only.
+    """
+    with Package(path) as pkg:
+        return _inspect(pkg, duplicates)
+
+
+def _inspect(pkg: Package, find_duplicates: bool) -> dict:
+    files = []
+    blob_key = {}
+    for name, bf in pkg.blob_files.items():
+        by_dtype: dict[str, dict] = {}
+        for b in bf:
+            d = by_dtype.setdefault(b.dtype.name, {"blobs": 0, "bytes": 0})
+            d["blobs"] += 1
+            d["bytes"] += b.size
+        files.append(
+            {
+                "name": name,
+                "path": os.path.relpath(bf.path, pkg.path),
+                "file_bytes": bf.file_size,
+                "blobs": len(bf),
+                "blob_bytes": sum(b.size for b in bf),
+                "trailing_bytes": bf.trailing_bytes,
+                "by_dtype": dict(sorted(by_dtype.items())),
+            }
+        )
+        for b in bf:
+            blob_key[(name, b.record_offset)] = b
+    referenced_by: dict[tuple[str, int], set[str]] = {}
+    for r in pkg.refs:
+        referenced_by.setdefault((r.ref.file_name, r.blob.record_offset), set()).add(r.ref.function)
+
+    functions = []
+    func_blobs: dict[str, set] = {}
+    for name in pkg.functions:
+        fn = pkg.function(name)
+        desc = pkg.descriptions[name]
+        keys = {(r.ref.file_name, r.blob.record_offset) for r in pkg.function_refs(name)}
+        func_blobs[name] = keys
+        functions.append(
+            {
+                "name": name,
+                "default": name == pkg.default_function,
+                "opset": [e.key for e in fn.block_specializations],
+                "inputs": [feature_summary(f) for f in desc.input],
+                "outputs": [feature_summary(f) for f in desc.output],
+                "states": [feature_summary(f) for f in desc.state],
+                "ops": sum(op_type_histogram(fn).values()),
+                "op_types": op_type_histogram(fn),
+                "blob_references": len(pkg.function_refs(name)),
+                "blobs": len(keys),
+                "bytes": sum(blob_key[k].size for k in keys),
+            }
+        )
+    shared = []
+    for a, b in combinations(pkg.functions, 2):
+        common = func_blobs[a] & func_blobs[b]
+        shared.append({"functions": [a, b], "blobs": len(common), "bytes": sum(blob_key[k].size for k in common)})
+
+    unreferenced = [
+        {"file": name, "offset": off, "dtype": b.dtype.name, "bytes": b.size}
+        for (name, off), b in blob_key.items()
+        if (name, off) not in referenced_by
+    ]
+    dup_groups = []
+    if find_duplicates:
+        keys = list(blob_key)
+        sources = [BlobSource(pkg.blob_files[n], blob_key[(n, o)]) for n, o in keys]
+        canonical = group_identical(sources)
+        groups: dict[int, list[int]] = {}
+        for i, c in enumerate(canonical):
+            groups.setdefault(c, []).append(i)
+        for members in groups.values():
+            if len(members) < 2:
+                continue
+            b = sources[members[0]].blob
+            dup_groups.append(
+                {
+                    "dtype": b.dtype.name,
+                    "bytes": b.size,
+                    "copies": [{"file": keys[i][0], "offset": keys[i][1]} for i in members],
+                    "recoverable_bytes": b.size * (len(members) - 1),
+                }
+            )
+    opsets = sorted({o for f in functions for o in f["opset"]})
+    meta = pkg.model.description.metadata
+    return {
+        "schema": JSON_SCHEMA_VERSION,
+        "path": pkg.path,
+        "spec_version": pkg.model.specificationVersion,
+        "spec_bytes": pkg.spec_size,
+        "default_function": pkg.default_function,
+        "functions": functions,
+        "mixed_opsets": len(opsets) > 1,
+        "weight_files": files,
+        "shared": shared,
+        "duplicates": dup_groups if find_duplicates else None,
+        "duplicate_bytes": sum(g["recoverable_bytes"] for g in dup_groups) if find_duplicates else None,
+        "unreferenced": unreferenced,
+        "unreferenced_bytes": sum(u["bytes"] for u in unreferenced),
+        "metadata": {
+            "shortDescription": meta.shortDescription,
+            "versionString": meta.versionString,
+            "author": meta.author,
+            "license": meta.license,
+            "userDefined": {e.key: e.value for e in meta.userDefined},
+        },
+    }
+
+
+def _size(n: int) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(n) < 1024 or unit == "TiB":
+            return f"{n} B" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    raise AssertionError
+
+
+def render_text(info: dict) -> str:
+    """The human-readable form of :func:`inspect_package`'s result."""
+    lines = [f"{info['path']}", f"  spec version {info['spec_version']}, default function {info['default_function']!r}"]
+    if info["mixed_opsets"]:
+        lines.append("  note: functions use different opsets")
+    for f in info["functions"]:
+        lines.append(
+            f"  function {f['name']!r}{' (default)' if f['default'] else ''}: opset {', '.join(f['opset'])}, "
+            f"{f['ops']} ops, {f['blobs']} blobs, {_size(f['bytes'])} of weights"
+        )
+        for label, key in (("input", "inputs"), ("output", "outputs"), ("state", "states")):
+            for feat in f[key]:
+                lines.append(f"    {label} {_feature_text(feat)}")
+        top = ", ".join(f"{k} {v}" for k, v in list(f["op_types"].items())[:8])
+        more = len(f["op_types"]) - 8
+        lines.append(f"    ops: {top}{f', +{more} more types' if more > 0 else ''}")
+    for wf in info["weight_files"]:
+        lines.append(f"  weights {wf['path']}: {wf['blobs']} blobs, {_size(wf['file_bytes'])}")
+        for dtype, d in wf["by_dtype"].items():
+            lines.append(f"    {dtype}: {d['blobs']} blobs, {_size(d['bytes'])}")
+        if wf["trailing_bytes"]:
+            lines.append(f"    {wf['trailing_bytes']} bytes after the last blob")
+    for s in info["shared"]:
+        a, b = s["functions"]
+        lines.append(f"  shared by {a!r} and {b!r}: {s['blobs']} blobs, {_size(s['bytes'])}")
+    if info["duplicates"] is not None:
+        lines.append(
+            f"  duplicate content at different offsets: {len(info['duplicates'])} groups, "
+            f"{_size(info['duplicate_bytes'])} recoverable"
+        )
+    lines.append(f"  unreferenced blobs: {len(info['unreferenced'])}, {_size(info['unreferenced_bytes'])}")
+    meta = info["metadata"]
+    for key in ("author", "license", "versionString", "shortDescription"):
+        if meta[key]:
+            lines.append(f"  {key}: {meta[key]}")
+    for k, v in meta["userDefined"].items():
+        lines.append(f"  userDefined {k}: {v}")
+    return "\n".join(lines)
