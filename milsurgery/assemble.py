@@ -108,12 +108,18 @@ def _set_io(target, desc: pb.FunctionDescription) -> None:
 
 
 def build_model(
-    picks: list[Pick], *, default: str | None = None, single: bool = False, warnings: list[str] | None = None
+    picks: list[Pick],
+    *,
+    default: str | None = None,
+    single: bool = False,
+    spec_version: int | None = None,
+    warnings: list[str] | None = None,
 ) -> tuple[pb.Model, list[tuple[BlobRef, ResolvedRef]]]:
     """The output spec for ``picks`` and, for each of its blob references, the source blob.
 
     The returned references still hold the sources' file names and offsets; the caller rewrites
-    them. ``single`` produces an ordinary single-function model (one pick, named ``main``).
+    them. ``single`` produces an ordinary single-function model (one pick, named ``main``) with
+    the lowest spec version its opset and states allow. ``spec_version`` overrides the version.
     """
     warnings = warnings if warnings is not None else []
     if not picks:
@@ -192,6 +198,8 @@ def build_model(
         _set_io(desc, next(f for f in desc.functions if f.name == default))
         desc.defaultFunctionName = default
         out.specificationVersion = max([MULTIFUNCTION_SPEC_VERSION, *versions])
+    if spec_version is not None:
+        out.specificationVersion = spec_version
     return out, pairs
 
 
@@ -201,13 +209,14 @@ def write_package(
     *,
     default: str | None = None,
     single: bool = False,
+    spec_version: int | None = None,
     force: bool = False,
     progress: Progress | None = None,
 ) -> WriteReport:
     """Write a new package holding ``picks`` to ``dest`` atomically; see the module docstring."""
     start = time.perf_counter()
     warnings: list[str] = []
-    model, pairs = build_model(picks, default=default, single=single, warnings=warnings)
+    model, pairs = build_model(picks, default=default, single=single, spec_version=spec_version, warnings=warnings)
     report = WriteReport(
         output=os.path.abspath(os.fspath(dest)),
         functions=[MAIN_FUNCTION] if single else [p.new_name for p in picks],

@@ -13,7 +13,7 @@ import time
 import traceback
 
 from . import __version__
-from .errors import MilSurgeryError
+from .errors import MilSurgeryError, UsageError
 
 __all__ = ["main", "build_parser"]
 
@@ -91,6 +91,79 @@ def cmd_merge(args) -> int:
     return 0
 
 
+def _run_writer(args, call) -> int:
+    bar = ProgressBar(not args.quiet)
+    try:
+        report = call(bar)
+    finally:
+        bar.finish()
+    _print_report(report, args.quiet, args.json)
+    return 0
+
+
+def cmd_shrink(args) -> int:
+    from .surgery import shrink
+
+    if args.output is None and not args.in_place:
+        raise UsageError("shrink needs -o OUT or --in-place")
+    return _run_writer(args, lambda bar: shrink(args.package, args.output, in_place=args.in_place, force=args.force, progress=bar))
+
+
+def cmd_extract(args) -> int:
+    from .surgery import extract
+
+    return _run_writer(
+        args,
+        lambda bar: extract(
+            args.package, args.functions, args.output, single=args.single, default=args.default,
+            force=args.force, progress=bar,
+        ),
+    )
+
+
+def cmd_remove(args) -> int:
+    from .surgery import remove
+
+    return _run_writer(
+        args, lambda bar: remove(args.package, args.functions, args.output, default=args.default, force=args.force, progress=bar)
+    )
+
+
+def cmd_rename(args) -> int:
+    from .surgery import rename
+
+    return _run_writer(args, lambda bar: rename(args.package, args.mapping, args.output, force=args.force, progress=bar))
+
+
+def cmd_append(args) -> int:
+    from .surgery import append
+
+    return _run_writer(args, lambda bar: append(args.package, args.sources, progress=bar))
+
+
+def cmd_verify(args) -> int:
+    from .verify import verify
+
+    report = verify(args.package, args.against)
+    if args.json:
+        _print_json(report.to_dict())
+    else:
+        for c in report.checks:
+            status = "equivalent" if c.equivalent else "DIFFERS"
+            print(f"{c.function}: {status} to {c.source} ({c.blobs_compared} blobs, {c.bytes_compared} bytes compared)")
+            for d in c.differences:
+                print(f"  {d}")
+    return 0 if report.equivalent else 1
+
+
+def _add_output_options(p, *, output=True) -> None:
+    if output:
+        p.add_argument("-o", "--output", required=True, metavar="OUT.mlpackage")
+        p.add_argument("--force", action="store_true", help="replace OUT if it exists")
+    p.add_argument("--quiet", action="store_true", help="no progress bar, no summary")
+    p.add_argument("--json", action="store_true", help="print the report as JSON")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="milsurgery",
@@ -108,13 +181,51 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("merge", help="merge functions of several packages into one multi-function package")
     p.add_argument("sources", nargs="+", metavar="SRC[:FUNC[=NEW]]")
-    p.add_argument("-o", "--output", required=True, metavar="OUT.mlpackage")
     p.add_argument("--default", metavar="NAME", help="default function (otherwise the first)")
-    p.add_argument("--force", action="store_true", help="replace OUT if it exists")
     p.add_argument("--verify", action="store_true", help="check the output against its sources before reporting success")
-    p.add_argument("--quiet", action="store_true", help="no progress bar, no summary")
-    p.add_argument("--json", action="store_true", help="print the report as JSON")
+    _add_output_options(p)
     p.set_defaults(func=cmd_merge)
+
+    p = sub.add_parser("shrink", help="coalesce identical blobs and drop unreferenced ones")
+    p.add_argument("package", metavar="PKG")
+    p.add_argument("-o", "--output", metavar="OUT.mlpackage")
+    p.add_argument("--in-place", action="store_true", help="replace PKG atomically instead of writing OUT")
+    p.add_argument("--force", action="store_true", help="replace OUT if it exists")
+    _add_output_options(p, output=False)
+    p.set_defaults(func=cmd_shrink)
+
+    p = sub.add_parser("extract", help="a package with only some functions and the blobs they use")
+    p.add_argument("package", metavar="PKG")
+    p.add_argument("functions", nargs="+", metavar="FUNC[=NEW]")
+    p.add_argument("--single", action="store_true", help="write an ordinary single-function model (one FUNC)")
+    p.add_argument("--default", metavar="NAME", help="default function of the output")
+    _add_output_options(p)
+    p.set_defaults(func=cmd_extract)
+
+    p = sub.add_parser("remove", help="a package without some functions")
+    p.add_argument("package", metavar="PKG")
+    p.add_argument("functions", nargs="+", metavar="FUNC")
+    p.add_argument("--default", metavar="NAME", help="new default function (required when removing the default)")
+    _add_output_options(p)
+    p.set_defaults(func=cmd_remove)
+
+    p = sub.add_parser("rename", help="rename functions (the default follows)")
+    p.add_argument("package", metavar="PKG")
+    p.add_argument("mapping", nargs="+", metavar="OLD=NEW")
+    _add_output_options(p)
+    p.set_defaults(func=cmd_rename)
+
+    p = sub.add_parser("append", help="add functions to a package in place, appending only new blobs")
+    p.add_argument("package", metavar="PKG")
+    p.add_argument("sources", nargs="+", metavar="SRC[:FUNC[=NEW]]")
+    _add_output_options(p, output=False)
+    p.set_defaults(func=cmd_append)
+
+    p = sub.add_parser("verify", help="prove functions of PKG equal their sources (exit 1 if not)")
+    p.add_argument("package", metavar="PKG")
+    p.add_argument("--against", nargs="+", required=True, metavar="SRC[:FUNC[=NEW]]")
+    p.add_argument("--json", action="store_true", help="print the report as JSON")
+    p.set_defaults(func=cmd_verify)
     return parser
 
 
@@ -124,6 +235,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.func(args)
     except MilSurgeryError as exc:
+        report = getattr(exc, "report", None)
+        if report is not None:  # merge --verify found a difference: a result, not an error
+            print(f"milsurgery: verification failed: {exc}", file=sys.stderr)
+            return 1
         if args.debug:
             traceback.print_exc()
         print(f"milsurgery: error: {exc}", file=sys.stderr)

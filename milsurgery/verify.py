@@ -1,0 +1,216 @@
+"""``verify``: prove that functions of a package are equivalent to their sources.
+
+A function is equivalent to its source when its graph is identical except for blob references
+(file name and offset), and every blob it references holds the same dtype, padding and bytes as
+the source's blob at the same place in the graph; its I/O description must match too.
+
+The check is independent of how the package was written: it walks both functions, compares the
+referenced bytes, blanks the blob references in copies of both and compares the serialized
+graphs. On a difference it reports the function, the op and what differs.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+from ._proto import milsurgery_spec_pb2 as pb
+from .assemble import Pick
+from .coalesce import BlobSource, blobs_equal
+from .errors import MilSurgeryError, UsageError
+from .merge import SourceSpec, resolve_sources
+from .package import Package, ResolvedRef
+from .spec import iter_blob_refs
+
+__all__ = ["VerificationFailed", "FunctionCheck", "VerifyReport", "verify", "verify_picks", "verify_or_remove"]
+
+
+class VerificationFailed(MilSurgeryError):
+    """Raised by ``merge(verify=True)`` when the output differs from its sources."""
+
+    def __init__(self, report: VerifyReport):
+        self.report = report
+        super().__init__(report.summary())
+
+
+@dataclass
+class FunctionCheck:
+    function: str  # name in the package being verified
+    source: str  # "PATH:FUNC"
+    differences: list[str] = field(default_factory=list)
+    blobs_compared: int = 0
+    bytes_compared: int = 0
+
+    @property
+    def equivalent(self) -> bool:
+        return not self.differences
+
+
+@dataclass
+class VerifyReport:
+    package: str
+    checks: list[FunctionCheck]
+
+    @property
+    def equivalent(self) -> bool:
+        return all(c.equivalent for c in self.checks)
+
+    def summary(self) -> str:
+        bad = [c for c in self.checks if not c.equivalent]
+        if not bad:
+            return f"{self.package}: {len(self.checks)} functions equivalent to their sources"
+        first = bad[0]
+        return f"{self.package}: function {first.function!r} differs from {first.source}: {first.differences[0]}"
+
+    def to_dict(self) -> dict:
+        return {
+            "package": self.package,
+            "equivalent": self.equivalent,
+            "functions": [
+                {
+                    "function": c.function,
+                    "source": c.source,
+                    "equivalent": c.equivalent,
+                    "differences": c.differences,
+                    "blobs_compared": c.blobs_compared,
+                    "bytes_compared": c.bytes_compared,
+                }
+                for c in self.checks
+            ],
+        }
+
+
+def _blanked(function: pb.Function) -> pb.Function:
+    """A copy of ``function`` with every blob reference's file name and offset cleared."""
+    holder = pb.Model()
+    entry = holder.mlProgram.functions.add(key="f")
+    entry.value.CopyFrom(function)
+    for ref in iter_blob_refs(holder, functions=["f"]):
+        ref.value.blobFileValue.fileName = ""
+        ref.value.blobFileValue.offset = 0
+    return entry.value
+
+
+def _op_label(op: pb.Operation) -> str:
+    return f"op {op.outputs[0].name!r} ({op.type})" if op.outputs else f"op ({op.type})"
+
+
+def _first_graph_difference(a: pb.Function, b: pb.Function) -> str:
+    """Where two blanked functions first differ, in words."""
+    for name in ("inputs", "opset", "attributes"):
+        if getattr(a, name) != getattr(b, name):
+            return f"function {name} differ"
+    ka = [e.key for e in a.block_specializations]
+    kb = [e.key for e in b.block_specializations]
+    if ka != kb:
+        return f"opset blocks differ: {ka} vs {kb}"
+    for ea, eb in zip(a.block_specializations, b.block_specializations):
+        found = _block_difference(ea.value, eb.value, f"block {ea.key}")
+        if found:
+            return found
+    return "graphs differ"
+
+
+def _block_difference(a: pb.Block, b: pb.Block, where: str) -> str | None:
+    for name in ("inputs", "outputs", "attributes"):
+        if list(getattr(a, name)) != list(getattr(b, name)):
+            return f"{where}: {name} differ"
+    for i, (oa, ob) in enumerate(zip(a.operations, b.operations)):
+        if oa == ob:
+            continue
+        for name in ("type", "inputs", "outputs", "attributes"):
+            va, vb = getattr(oa, name), getattr(ob, name)
+            if (va if isinstance(va, str) else list(va)) != (vb if isinstance(vb, str) else list(vb)):
+                if name in ("inputs", "attributes"):
+                    da = {e.key: e.value for e in va}
+                    db = {e.key: e.value for e in vb}
+                    keys = sorted(k for k in set(da) | set(db) if da.get(k) != db.get(k))
+                    return f"{where}: {_op_label(oa)}: {name}[{keys[0]}] differs"
+                return f"{where}: {_op_label(oa)}: {name} differ"
+        for j, (na, nb) in enumerate(zip(oa.blocks, ob.blocks)):
+            found = _block_difference(na, nb, f"{where}: {_op_label(oa)}.blocks[{j}]")
+            if found:
+                return found
+        return f"{where}: {_op_label(oa)}: nested blocks differ"
+    if len(a.operations) != len(b.operations):
+        return f"{where}: {len(a.operations)} operations vs {len(b.operations)} in the source"
+    return None
+
+
+def _description_differences(a: pb.FunctionDescription, b: pb.FunctionDescription) -> list[str]:
+    out = []
+    for name in ("input", "output", "state"):
+        if list(getattr(a, name)) != list(getattr(b, name)):
+            out.append(f"description {name} differs")
+    for name in ("predictedFeatureName", "predictedProbabilitiesName"):
+        if getattr(a, name) != getattr(b, name):
+            out.append(f"description {name} differs")
+    return out
+
+
+def _check(pkg: Package, name: str, pick: Pick) -> FunctionCheck:
+    src = pick.source
+    check = FunctionCheck(function=name, source=f"{src.path}:{pick.name}")
+    mine, theirs = pkg.function(name), src.function(pick.name)
+    refs_a: list[ResolvedRef] = pkg.function_refs(name)
+    refs_b: list[ResolvedRef] = src.function_refs(pick.name)
+    check.differences += _description_differences(pkg.descriptions[name], src.descriptions[pick.name])
+    ba, bb = _blanked(mine), _blanked(theirs)
+    if ba.SerializeToString(deterministic=True) != bb.SerializeToString(deterministic=True):
+        check.differences.append(_first_graph_difference(ba, bb))
+        return check
+    # Same graph shape => the walks pair up reference by reference.
+    seen: dict[tuple, bool] = {}
+    for ra, rb in zip(refs_a, refs_b):
+        a, b = BlobSource(ra.file, ra.blob), BlobSource(rb.file, rb.blob)
+        key = (a.key, b.key)
+        if key not in seen:
+            seen[key] = blobs_equal(a, b)
+            check.blobs_compared += 1
+            check.bytes_compared += ra.blob.size
+        if not seen[key]:
+            r = ra.ref
+            check.differences.append(
+                f"{r.describe()}: blob at offset {ra.blob.record_offset} of {ra.file.path} "
+                f"({ra.blob.dtype.name}, {ra.blob.size} bytes) differs from the source's blob at "
+                f"offset {rb.blob.record_offset} of {rb.file.path} ({rb.blob.dtype.name}, {rb.blob.size} bytes)"
+            )
+    return check
+
+
+def verify_picks(pkg: Package, picks: Sequence[Pick]) -> VerifyReport:
+    """Check each pick's ``new_name`` function of ``pkg`` against its source function."""
+    checks = []
+    for pick in picks:
+        if pick.new_name not in pkg.functions:
+            raise UsageError(f"{pkg.path}: no function {pick.new_name!r} to verify (it has {pkg.functions})")
+        checks.append(_check(pkg, pick.new_name, pick))
+    return VerifyReport(pkg.path, checks)
+
+
+def verify(package: str | os.PathLike, against: Sequence[str | os.PathLike | SourceSpec]) -> VerifyReport:
+    """Verify functions of ``package`` against sources given as ``SRC[:FUNC[=NEW]]``.
+
+    ``SRC`` alone checks every function of SRC under its own name; ``SRC:FUNC=NEW`` checks the
+    package's function NEW against SRC's FUNC. Raises :class:`MilSurgeryError` on bad input.
+    """
+    opened: dict[str, Package] = {}
+    try:
+        with Package(package) as pkg:
+            picks = resolve_sources(against, opened)
+            return verify_picks(pkg, picks)
+    finally:
+        for p in opened.values():
+            p.close()
+
+
+def verify_or_remove(output: str, picks: Sequence[Pick]) -> VerifyReport:
+    """Verify a freshly written output; remove it and raise :class:`VerificationFailed` if it differs."""
+    with Package(output) as pkg:
+        report = verify_picks(pkg, picks)
+    if not report.equivalent:
+        shutil.rmtree(output, ignore_errors=True)
+        raise VerificationFailed(report)
+    return report
