@@ -1,0 +1,48 @@
+"""Shared fixtures. Packages are built once per session into a temporary directory."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import sys
+
+import pytest
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, HERE)  # tests import their helpers (checks, ct_models, malformed) by name
+
+#: The real converter output shipped beside the project (read-only); see README "Tests".
+CREPE_CANDIDATES = [
+    os.environ.get("MILSURGERY_CREPE", ""),
+    os.path.join(HERE, "..", "..", "shared", "models", "crepe-tiny.mlpackage"),
+]
+
+
+@pytest.fixture(scope="session")
+def crepe() -> str:
+    for path in CREPE_CANDIDATES:
+        if path and os.path.isdir(path):
+            return os.path.abspath(path)
+    pytest.skip("crepe-tiny.mlpackage not found (set MILSURGERY_CREPE to its path)")
+
+
+@pytest.fixture
+def crepe_copy(crepe, tmp_path) -> str:
+    dst = tmp_path / "crepe.mlpackage"
+    shutil.copytree(crepe, dst)
+    for root, dirs, files in os.walk(dst):
+        for name in dirs + files:
+            os.chmod(os.path.join(root, name), 0o755 if name in dirs else 0o644)
+    os.chmod(dst, 0o755)
+    return str(dst)
+
+
+def tree_digest(path: str) -> dict[str, bytes]:
+    """Every file under ``path`` with its bytes: to prove a source was not modified."""
+    out = {}
+    for root, _dirs, files in os.walk(path):
+        for name in files:
+            full = os.path.join(root, name)
+            with open(full, "rb") as f:
+                out[os.path.relpath(full, path)] = f.read()
+    return out
