@@ -361,6 +361,9 @@ class StagedPackage:
             )
         except OSError as exc:
             raise WriteError(f"{self.dest}: cannot create a temporary directory: {exc.strerror}") from None
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(self.tmp, 0o777 & ~umask)  # mkdtemp makes it private; a package is not
         self.data_dir = os.path.join(self.tmp, DATA_DIR, *SPEC_ITEM_PATH.split("/")[:-1])
         self.weights_dir = os.path.join(self.tmp, DATA_DIR, *WEIGHTS_ITEM_PATH.split("/"))
         self.spec_path = os.path.join(self.tmp, DATA_DIR, *SPEC_ITEM_PATH.split("/"))
