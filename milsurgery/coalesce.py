@@ -10,10 +10,12 @@ process's resident memory does not grow with the size of the blobs.
 
 from __future__ import annotations
 
+import ctypes
 import mmap
 from collections.abc import Callable, Hashable, Sequence
 from dataclasses import dataclass
 
+import numpy as np
 import xxhash
 
 from .blobfile import Blob, BlobFile
@@ -43,22 +45,52 @@ class BlobSource:
         return (b.dtype.code, b.size, b.padding_bits if b.dtype.sub_byte else 0)
 
 
-def _windows(src: BlobSource, window: int = WINDOW):
-    """Yield memoryviews covering the blob's data, one short-lived mapping at a time."""
-    start, end = src.blob.data_offset, src.blob.data_offset + src.blob.size
-    pos = start
-    while pos < end:
+def _windows(src: BlobSource, window: int | None = None):
+    """Yield memoryviews of the blob's data in chunks of ``window`` bytes (the last one shorter),
+    one short-lived mapping at a time. Two blobs of one size yield chunks of equal lengths."""
+    window = window or WINDOW
+    fd, data, size = src.file.fileno(), src.blob.data_offset, src.blob.size
+    for chunk in range(0, size, window):
+        pos = data + chunk
         base = pos - pos % _PAGE
-        length = min(end, base + window) - base
-        mm = mmap.mmap(src.file.fileno(), length, access=mmap.ACCESS_READ, offset=base)
+        length = pos + min(window, size - chunk) - base
+        mm = mmap.mmap(fd, length, access=mmap.ACCESS_READ, offset=base)
         try:
             if hasattr(mm, "madvise"):
                 mm.madvise(mmap.MADV_SEQUENTIAL)
-            with memoryview(mm) as whole, whole[pos - base : length] as view:
+            with memoryview(mm) as whole, whole[pos - base :] as view:
                 yield view
         finally:
             mm.close()
-        pos = base + length
+
+
+def _load_memcmp():
+    try:
+        fn = ctypes.CDLL(None).memcmp
+    except (OSError, AttributeError, TypeError):
+        return None
+    fn.restype = ctypes.c_int
+    fn.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_size_t]
+    return fn
+
+
+_memcmp = _load_memcmp()
+
+
+def _same_bytes(a: memoryview, b: memoryview) -> bool:
+    """Compare two equally long buffers without copying them (libc memcmp on their addresses).
+
+    memoryview's own ``==`` compares element by element (about 0.5 GB/s); memcmp runs at memory
+    speed. Without a usable libc, fall back to comparing bounded copies.
+    """
+    if _memcmp is None:
+        step = 1 << 20
+        return all(a[i : i + step].tobytes() == b[i : i + step].tobytes() for i in range(0, len(a), step))
+    xa, xb = np.frombuffer(a, np.uint8), np.frombuffer(b, np.uint8)
+    try:
+        return _memcmp(xa.ctypes.data, xb.ctypes.data, len(a)) == 0
+    finally:
+        del xa, xb  # release the buffer exports before the mappings close
 
 
 @dataclass
@@ -92,7 +124,7 @@ def blobs_equal(a: BlobSource, b: BlobSource, stats: Stats | None = None) -> boo
     for va, vb in zip(_windows(a), _windows(b)):
         if stats is not None:
             stats.bytes_compared += 2 * len(va)
-        if va != vb:
+        if len(va) != len(vb) or not _same_bytes(va, vb):
             return False
     return True
 

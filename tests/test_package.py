@@ -151,3 +151,35 @@ def test_unknown_function_is_a_usage_error(tmp_path, crepe):
     with pytest.raises(UsageError, match="no function 'nope'"):
         merge([f"{crepe}:nope"], tmp_path / "o.mlpackage")
     assert os.listdir(tmp_path) == []
+
+
+def test_identity_is_byte_exact_across_alignments(tmp_path):
+    """Equal bytes at data offsets with different page phases compare equal; one flipped bit,
+    -0.0 vs 0.0, and NaN payloads are decided by the bit pattern."""
+    from milsurgery.blobfile import BlobFile, BlobWriter
+    from milsurgery.coalesce import BlobSource, blobs_equal, group_identical
+    import milsurgery.coalesce as coalesce
+
+    payload = np.random.default_rng(1).integers(0, 255, 3 * 4096 + 17, dtype=np.uint8)
+    flipped = payload.copy()
+    flipped[-1] ^= 1
+    nan = np.array([np.nan, 1.0], np.float32)
+    path = tmp_path / "w.bin"
+    with BlobWriter(path) as w:
+        w.add_array("uint8", payload)
+        w.add_array("uint8", payload[:100])  # shifts the next blob's page phase
+        w.add_array("uint8", payload)
+        w.add_array("uint8", flipped)
+        w.add_array("float32", [0.0])
+        w.add_array("float32", [-0.0])
+        w.add_array("float32", nan)
+        w.add_array("float32", nan.copy())
+    for window in (coalesce.WINDOW, 4096):  # also with windows smaller than the blobs
+        coalesce.WINDOW = window
+        try:
+            with BlobFile(path) as bf:
+                src = [BlobSource(bf, b) for b in bf]
+                assert group_identical(src) == [0, 1, 0, 3, 4, 5, 6, 6]
+                assert blobs_equal(src[0], src[2]) and not blobs_equal(src[0], src[3])
+        finally:
+            coalesce.WINDOW = 32 << 20
