@@ -224,3 +224,18 @@ def test_progress_bar_only_on_a_tty(monkeypatch):
     quiet = ProgressBar(enabled=False)
     quiet("copying", 50, 100)
     assert stream.getvalue() == ""
+
+
+def test_fixture_specs_roundtrip_byte_identical(fx, tmp_path):
+    """Specs written by coremltools (every fixture, save_multifunction's too) and by milsurgery
+    parse and serialize back to the same bytes with milsurgery's schema."""
+    from checks import spec_path
+    from milsurgery.spec import pb
+
+    out = str(tmp_path / "m.mlpackage")
+    merge([f"{fx['stateful']}:main=step", f"{fx['pal_infer']}:main=pal", fx["multi"]], out)
+    paths = [*fx.values(), out]
+    for path in paths:
+        data = open(spec_path(path), "rb").read()
+        assert pb.Model.FromString(data).SerializeToString() == data, path
+    assert len(paths) >= 8

@@ -276,3 +276,55 @@ def test_verify_reports_a_graph_difference(tmp_path, dup_pkg):
     (first, second) = report.checks
     assert not first.equivalent and second.equivalent
     assert "op 'infer_w1' (const): attributes[name] differs" in first.differences[0]
+
+
+@pytest.fixture(scope="module")
+def ct_dup(tmp_path_factory):
+    import ct_models
+
+    return ct_models.duplicated_weights(str(tmp_path_factory.mktemp("ctdup") / "dup.mlpackage"))
+
+
+def test_shrink_coremltools_package_with_duplicates(ct_dup, tmp_path):
+    """coremltools with the empty pass pipeline stores a tied embedding and lm_head twice."""
+    out = str(tmp_path / "s.mlpackage")
+    report = shrink(ct_dup, out)
+    assert report.blobs_coalesced >= 1 and report.bytes_coalesced > 0
+    assert os.path.getsize(weight_bin(ct_dup)) - os.path.getsize(weight_bin(out)) >= report.bytes_coalesced
+    referenced_records_unique(out)
+    assert_function_equivalent(out, "main", ct_dup, "main")
+    assert set(ct_load_program(out).functions) == {"main"}
+    ct_read_referenced_blobs(out)
+
+
+@pytest.mark.parametrize("command", ["extract", "extract-single", "remove", "rename", "shrink", "append"])
+def test_every_command_output_loads_in_coremltools(command, crepe, ct_dup, tmp_path):
+    """Outputs of every command on a package mixing crepe-tiny and a coremltools fixture are
+    accepted by coremltools' loader and C++ blob reader and verify against their sources."""
+    import shutil
+
+    merged = str(tmp_path / "merged.mlpackage")
+    merge([f"{crepe}:main=pitch", f"{ct_dup}:main=lm"], merged)
+    out = str(tmp_path / "out.mlpackage")
+    expect = {"pitch": f"{crepe}:main=pitch", "lm": f"{ct_dup}:main=lm"}
+    if command == "extract":
+        extract(merged, ["lm=decoder"], out)
+        expect = {"decoder": f"{ct_dup}:main=decoder"}
+    elif command == "extract-single":
+        extract(merged, ["pitch"], out, single=True)
+        expect = {"main": f"{crepe}:main"}
+    elif command == "remove":
+        remove(merged, ["pitch"], out, default="lm")
+        expect = {"lm": expect["lm"]}
+    elif command == "rename":
+        rename(merged, ["pitch=crepe"], out)
+        expect = {"crepe": f"{crepe}:main=crepe", "lm": expect["lm"]}
+    elif command == "shrink":
+        shrink(merged, out)
+    else:
+        shutil.copytree(merged, out)
+        append(out, [f"{crepe}:main=pitch2"])
+        expect["pitch2"] = f"{crepe}:main=pitch2"
+    assert set(ct_load_program(out).functions) == set(expect)
+    ct_read_referenced_blobs(out)
+    assert verify(out, list(expect.values())).equivalent
