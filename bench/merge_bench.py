@@ -31,7 +31,6 @@ import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
-sys.path.insert(0, os.path.join(ROOT, "tests"))
 
 VOCAB, HIDDEN = 32000, 2048
 
@@ -58,9 +57,7 @@ def layers_for(size_mib: int) -> tuple[int, int, int]:
 
 
 def build_pair(workdir: str, size_mib: int) -> tuple[str, str]:
-    """The infer/prefill pair for a size, built once and cached."""
-    from ct_models import llm_like
-
+    """The infer/prefill pair for a size, built once (in a child process) and cached."""
     hidden, ffn, layers = layers_for(size_mib)
     tag = f"llm-{size_mib}m-h{hidden}-l{layers}"
     paths = []
@@ -68,9 +65,17 @@ def build_pair(workdir: str, size_mib: int) -> tuple[str, str]:
         path = os.path.join(workdir, f"{tag}-{name}.mlpackage")
         if not os.path.isdir(path):
             print(f"building {path} ...", file=sys.stderr, flush=True)
-            tmp = path + ".building"
+            tmp = path[: -len(".mlpackage")] + "-building.mlpackage"
             shutil.rmtree(tmp, ignore_errors=True)
-            llm_like(tmp, seq_len=seq, vocab=VOCAB, hidden=hidden, ffn=ffn, layers=layers, seed=0)
+            build = (
+                "import sys; sys.path.insert(0, sys.argv[1]); from ct_models import llm_like; "
+                "llm_like(sys.argv[2], seq_len=int(sys.argv[3]), vocab=int(sys.argv[4]), hidden=int(sys.argv[5]), "
+                "ffn=int(sys.argv[6]), layers=int(sys.argv[7]), seed=0)"
+            )
+            subprocess.run(
+                [sys.executable, "-c", build, os.path.join(ROOT, "tests"), tmp, str(seq), str(VOCAB), str(hidden), str(ffn), str(layers)],
+                check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+            )
             os.rename(tmp, path)
         paths.append(path)
     return paths[0], paths[1]
@@ -89,17 +94,48 @@ def warm(path: str) -> None:
                     pass
 
 
+def _hwm_kib(pid: int) -> int | None:
+    """The process's peak resident memory so far (VmHWM, per address space, Linux)."""
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1])
+    except OSError:
+        return None
+    return None
+
+
 def timed(cmd: list[str]) -> dict:
-    """Run ``cmd`` in its own process; wall seconds and peak RSS (MiB) from wait4."""
+    """Run ``cmd`` in its own process: wall seconds and peak RSS in MiB.
+
+    Peak RSS is the child's VmHWM, sampled every few milliseconds until it exits: unlike
+    ``ru_maxrss`` it is per address space, so it does not include the memory of the (large)
+    process that started the child. Where /proc is missing (macOS), ``ru_maxrss`` from wait4.
+    """
     start = time.perf_counter()
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    _pid, status, usage = os.wait4(proc.pid, 0)
+    peak = 0
+    while True:
+        hwm = _hwm_kib(proc.pid)
+        if hwm is not None:
+            peak = max(peak, hwm)
+        try:
+            _pid, status, usage = os.wait4(proc.pid, os.WNOHANG)
+        except ChildProcessError:
+            break
+        if _pid:
+            break
+        time.sleep(0.002)
     wall = time.perf_counter() - start
     stderr = proc.stderr.read().decode(errors="replace")
     proc.stderr.close()
-    if os.waitstatus_to_exitcode(status) != 0:
+    proc.returncode = os.waitstatus_to_exitcode(status)
+    if proc.returncode != 0:
         raise SystemExit(f"{' '.join(cmd[:4])} ... failed:\n{stderr[-2000:]}")
-    return {"seconds": round(wall, 3), "peak_rss_mib": round(usage.ru_maxrss / 1024, 1)}
+    if not peak:
+        peak = usage.ru_maxrss // 1024 if sys.platform == "darwin" else usage.ru_maxrss  # KiB
+    return {"seconds": round(wall, 3), "peak_rss_mib": round(peak / 1024, 1)}
 
 
 def run_size(workdir: str, size_mib: int, reference: bool) -> dict:
