@@ -72,10 +72,17 @@ def cmd_inspect(args) -> int:
     from .inspect import inspect_package, render_text
 
     info = inspect_package(args.package, duplicates=not args.no_duplicates)
+    if args.memory:
+        from .memory import memory_model, render_memory_text
+
+        order = args.order.split(",") if args.order else None
+        info["memory"] = memory_model(args.package, order, duplicates=not args.no_duplicates)
     if args.json:
         _print_json(info)
     else:
         print(render_text(info))
+        if args.memory:
+            print(render_memory_text(info["memory"]))
     return 0
 
 
@@ -177,6 +184,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("package", metavar="PKG")
     p.add_argument("--json", action="store_true", help="machine-readable output (stable keys)")
     p.add_argument("--no-duplicates", action="store_true", help="skip the duplicate-content search (reads no weight bytes)")
+    p.add_argument("--memory", action="store_true", help="model weight memory per function in load order (shared mapping vs per-function copies)")
+    p.add_argument("--order", metavar="F1,F2,...", help="load order for --memory (default: the package's function order)")
     p.set_defaults(func=cmd_inspect)
 
     p = sub.add_parser("merge", help="merge functions of several packages into one multi-function package")
