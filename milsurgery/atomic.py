@@ -79,9 +79,17 @@ def fsync_dir(path: str) -> None:
 def replace_file(path: str, data: bytes) -> None:
     """Replace ``path`` with ``data`` atomically: temp file beside it, fsync, rename."""
     directory, name = os.path.split(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{name}.milsurgery-new-", dir=directory)
+    try:
+        mode = os.stat(path).st_mode & 0o7777
+    except OSError:
+        mode = 0o644
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=f".{name}.milsurgery-new-", dir=directory)
+    except OSError as exc:
+        raise WriteError(f"{path}: cannot create a file beside it: {exc.strerror}") from None
     try:
         with os.fdopen(fd, "wb") as f:
+            os.fchmod(f.fileno(), mode)  # mkstemp makes the file private; keep the old mode
             f.write(data)
             f.flush()
             os.fsync(f.fileno())

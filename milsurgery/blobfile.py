@@ -34,7 +34,7 @@ from .formats import (
     align,
 )
 
-__all__ = ["Blob", "BlobFile", "BlobWriter", "pack_bits", "unpack_bits", "CHUNK_SIZE"]
+__all__ = ["Blob", "BlobFile", "BlobWriter", "pack_bits", "unpack_bits", "restore_blob_file", "CHUNK_SIZE"]
 
 #: Size of the windows used to hash, compare and copy blob bytes. Bounds memory per operation.
 CHUNK_SIZE = 8 << 20
@@ -126,10 +126,11 @@ class BlobFile:
             if dtype is None:
                 raise BlobFileError(path, f"blob {index}: unknown blob dtype {code}", offset + 4)
             if data_offset != offset + RECORD_SIZE:
+                overlap = " (it overlaps the bytes before it)" if data_offset < offset + RECORD_SIZE else ""
                 raise BlobFileError(
                     path,
                     f"blob {index}: data offset {data_offset} is not record offset + {RECORD_SIZE} "
-                    f"({offset + RECORD_SIZE})",
+                    f"({offset + RECORD_SIZE}){overlap}",
                     offset + 16,
                 )
             if nbytes == 0:
@@ -286,12 +287,14 @@ class BlobWriter:
                 with BlobFile(self.path) as existing:
                     self.count = existing.count
                     self._end = existing.end_of_blobs
+                    self._original = (existing.count, existing.file_size)
                 self._fd = os.open(self.path, os.O_RDWR | getattr(os, "O_CLOEXEC", 0))
             else:
                 self._fd = os.open(
                     self.path, os.O_RDWR | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0), 0o644
                 )
                 self.count = 0
+                self._original = None
                 os.pwrite(self._fd, HEADER_STRUCT.pack(0, STORAGE_VERSION, *[0] * 7), 0)
                 self._end = HEADER_SIZE
         except OSError as exc:
@@ -394,7 +397,37 @@ class BlobWriter:
             self.closed = True
 
     def abort(self) -> None:
-        """Close without updating the header (the caller discards or ignores the file)."""
+        """Close without updating the header (the caller discards or ignores the file).
+
+        In append mode the file is cut back to its size at open, so it is byte-identical to
+        before (best effort: if even that fails, the header still counts only the old blobs).
+        """
         if not self.closed:
-            os.close(self._fd)
-            self.closed = True
+            try:
+                if self._original is not None:
+                    os.ftruncate(self._fd, self._original[1])
+            except OSError:
+                pass
+            finally:
+                os.close(self._fd)
+                self.closed = True
+
+
+def restore_blob_file(path: str, count: int, size: int) -> None:
+    """Undo a completed append: write the old ``count`` back, then cut the file to ``size``.
+
+    The header is rewritten first, so at no moment does it count blobs that are not there.
+    """
+    try:
+        fd = os.open(path, os.O_RDWR | getattr(os, "O_CLOEXEC", 0))
+    except OSError as exc:
+        raise WriteError(f"{path}: cannot reopen to undo an append: {exc.strerror}") from None
+    try:
+        os.pwrite(fd, HEADER_STRUCT.pack(count, STORAGE_VERSION, *[0] * 7)[:8], 0)
+        os.fsync(fd)
+        os.ftruncate(fd, size)
+        os.fsync(fd)
+    except OSError as exc:
+        raise WriteError(f"{path}: undoing an append failed: {exc.strerror}") from None
+    finally:
+        os.close(fd)

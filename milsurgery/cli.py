@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import signal
 import sys
 import time
 import traceback
@@ -239,6 +240,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    if hasattr(signal, "SIGXFSZ"):
+        # Past a file-size limit (ulimit -f) writes then fail with EFBIG, which is reported as
+        # a clean error, instead of the signal killing the process halfway.
+        try:
+            signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        except ValueError:  # not the main thread: leave signal handling to the caller
+            pass
     parser = build_parser()
     args = parser.parse_args(argv)
     try:

@@ -12,6 +12,7 @@ appears complete or not at all.
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import re
@@ -412,6 +413,11 @@ class StagedPackage:
             self.abort()
             if old_dir is not None:
                 shutil.rmtree(old_dir, ignore_errors=True)
+            if isinstance(exc, OSError) and exc.errno in (errno.EEXIST, errno.ENOTEMPTY):
+                raise DestinationExistsError(
+                    f"{self.dest}: appeared while the package was being written (another run?); "
+                    "nothing was written"
+                ) from None
             if isinstance(exc, OSError):
                 raise WriteError(
                     f"{self.dest}: moving the new package into place failed: {exc.strerror}"

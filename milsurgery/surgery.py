@@ -18,7 +18,7 @@ from collections.abc import Callable, Mapping, Sequence
 from ._proto import milsurgery_spec_pb2 as pb
 from .assemble import Pick, Progress, WriteReport, _set_io, write_package
 from .atomic import exchange_paths, replace_file
-from .blobfile import BlobWriter
+from .blobfile import BlobWriter, restore_blob_file
 from .coalesce import BlobSource, Stats, group_identical
 from .errors import UsageError
 from .formats import DEFAULT_WEIGHT_REF, MAIN_FUNCTION, MULTIFUNCTION_SPEC_VERSION
@@ -255,7 +255,7 @@ def _append(pkg: Package, sources, opened, progress, start) -> WriteReport:
     )
     appended = 0
     total = sum(s.blob.size for s in incoming)
-    with BlobWriter(target.path, append=True) as writer:
+    with BlobWriter(target.path, append=True) as writer:  # on error: cut back to the old bytes
         for i, src in enumerate(incoming, start=n_old):
             if canonical[i] == i:
                 offsets[i] = writer.copy_from(src.file, src.blob)
@@ -269,7 +269,13 @@ def _append(pkg: Package, sources, opened, progress, start) -> WriteReport:
     for (ref, _), c in zip(pairs, canonical[n_old:]):
         ref.value.blobFileValue.fileName = DEFAULT_WEIGHT_REF
         ref.value.blobFileValue.offset = offsets[c]
-    replace_file(pkg.spec_path, model.SerializeToString())
+    try:
+        replace_file(pkg.spec_path, model.SerializeToString())
+    except Exception:
+        # The old spec is still in place: take the appended blobs back out of weight.bin so the
+        # package is byte-identical to before.
+        restore_blob_file(target.path, target.count, target.file_size)
+        raise
     _checkpoint("spec")
     first = {}
     for i, s in enumerate(incoming, start=n_old):
