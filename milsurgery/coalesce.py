@@ -2,7 +2,8 @@
 
 Two blobs are the same weight iff they have the same dtype, the same size, the same sub-byte
 padding and the same bytes. The bit pattern decides: -0.0 and 0.0 differ, a NaN-bearing tensor
-equals its exact copy. Hashes (xxh3-128) only pick candidates; a byte comparison decides.
+equals its exact copy. Hashes (xxh3-128) only pick candidates among three or more blobs of one
+(dtype, size); a byte comparison decides.
 
 Bytes are read through bounded mmap windows that are unmapped as soon as they are used, so a
 process's resident memory does not grow with the size of the blobs.
@@ -136,8 +137,8 @@ def group_identical(
 ) -> list[int]:
     """For each source, the index of the first source with identical content (itself if none).
 
-    Only blobs whose (dtype, size, padding) collide are hashed; equal hashes are confirmed by
-    comparing bytes. ``on_progress`` is called with the bytes processed so far.
+    Only blobs whose (dtype, size, padding) collide are looked at: a pair is compared byte by
+    byte; three or more are hashed, and equal hashes are confirmed by comparing bytes. ``on_progress`` is called with the bytes processed so far.
     """
     canonical = list(range(len(sources)))
     by_shape: dict[Hashable, list[int]] = {}
@@ -151,6 +152,17 @@ def group_identical(
     done = 0
     for members in by_shape.values():
         if len(members) < 2:
+            continue
+        if len(members) == 2:
+            # Two candidates: compare them directly. Hashing both would read the same bytes
+            # once more, and a byte comparison decides either way (it stops at the first
+            # difference).
+            i, j = members
+            if blobs_equal(sources[i], sources[j], stats):
+                canonical[j] = i
+            done += sources[i].blob.size + sources[j].blob.size
+            if on_progress:
+                on_progress(done)
             continue
         by_digest: dict[bytes, list[int]] = {}
         for i in members:

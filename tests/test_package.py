@@ -183,3 +183,25 @@ def test_identity_is_byte_exact_across_alignments(tmp_path):
                 assert blobs_equal(src[0], src[2]) and not blobs_equal(src[0], src[3])
         finally:
             coalesce.WINDOW = 32 << 20
+
+
+def test_hash_only_picks_candidates_bytes_decide(tmp_path, monkeypatch):
+    """With every hash colliding, three same-size blobs are still told apart by their bytes; a
+    pair of same-size blobs is compared directly, without hashing."""
+    from milsurgery.blobfile import BlobFile, BlobWriter
+    import milsurgery.coalesce as coalesce
+
+    a = np.arange(64, dtype=np.uint8)
+    b = a.copy()
+    b[10] ^= 0x80
+    path = tmp_path / "w.bin"
+    with BlobWriter(path) as w:
+        for arr in (a, b, a, a[:32], b[:32]):
+            w.add_array("uint8", arr)
+    monkeypatch.setattr(coalesce, "blob_digest", lambda src, stats=None: b"same")
+    with BlobFile(path) as bf:
+        src = [coalesce.BlobSource(bf, blob) for blob in bf]
+        stats = coalesce.Stats()
+        assert coalesce.group_identical(src, stats) == [0, 1, 0, 3, 4]
+        assert stats.bytes_hashed == 0  # the patched digest counts nothing; the pair is compared
+        assert stats.bytes_compared >= 2 * 32
