@@ -20,8 +20,11 @@ from .errors import (
     WriteError,
 )
 from .inspect import inspect_package
+from .memory import memory_model
 from .merge import merge, parse_source
 from .package import Package, open_package
+from .surgery import append, extract, remove, rename, shrink
+from .verify import VerificationFailed, VerifyReport, verify
 
 __version__ = "0.1.0"
 
@@ -40,11 +43,20 @@ __all__ = [
     "SpecError",
     "UnsafePathError",
     "UsageError",
+    "VerificationFailed",
+    "VerifyReport",
     "WriteError",
     "WriteReport",
+    "append",
+    "extract",
     "inspect_package",
+    "memory_model",
     "merge",
     "open_package",
     "parse_source",
+    "remove",
+    "rename",
+    "shrink",
+    "verify",
     "write_package",
 ]
