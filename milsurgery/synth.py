@@ -25,7 +25,7 @@ from .blobfile import BlobWriter
 from .formats import DEFAULT_WEIGHT_REF, WEIGHT_FILE_NAME
 from .package import StagedPackage
 
-__all__ = ["build_llm_like", "layers_for_bytes", "SynthLayout"]
+__all__ = ["build_llm_like", "layers_for_bytes", "shared_layer_count", "SynthLayout"]
 
 OPSET = "CoreML8"
 SPEC_VERSION = 9
@@ -92,19 +92,24 @@ class SynthLayout:
     weight_bytes: int
 
 
+def _bias(rng: np.random.Generator, hidden: int) -> np.ndarray:
+    # Random, not zeros: layers meant to share nothing must not hold byte-identical biases.
+    return (rng.standard_normal(hidden, dtype=np.float32) * 0.01).astype(np.float16)
+
+
 def _write_layer(writer: BlobWriter, rng_seed, hidden: int, dtype: str) -> dict:
     """Write one layer's blobs; return their offsets."""
     rng = np.random.default_rng(rng_seed)
     if dtype == "fp16":
         w = (rng.standard_normal((hidden, hidden), dtype=np.float32) * 0.02).astype(np.float16)
-        return {"weight": writer.add_array("float16", w), "bias": writer.add_array("float16", np.zeros(hidden, np.float16))}
+        return {"weight": writer.add_array("float16", w), "bias": writer.add_array("float16", _bias(rng, hidden))}
     if dtype == "palettized4":
         lut = np.sort(rng.standard_normal(16, dtype=np.float32) * 0.02).astype(np.float16)
         indices = rng.integers(0, 16, hidden * hidden, dtype=np.uint8)
         return {
             "indices": writer.add_array("uint4", indices),
             "lut": writer.add_array("float16", lut),
-            "bias": writer.add_array("float16", np.zeros(hidden, np.float16)),
+            "bias": writer.add_array("float16", _bias(rng, hidden)),
         }
     raise ValueError(f"dtype must be 'fp16' or 'palettized4', not {dtype!r}")
 
@@ -135,8 +140,17 @@ def _function(offsets: list[dict], seq: int, hidden: int) -> pb.Function:
 
 def layers_for_bytes(target_bytes: int, hidden: int, dtype: str = "fp16") -> int:
     """Layers giving about ``target_bytes`` of weights per function."""
-    per_layer = hidden * hidden * 2 if dtype == "fp16" else hidden * hidden // 2 + 32
-    return max(1, round(target_bytes / (per_layer + 2 * hidden)))
+    record = 64  # each blob's metadata record (data then padded to 64-byte alignment)
+    if dtype == "fp16":
+        per_layer = hidden * hidden * 2 + 2 * hidden + 2 * record
+    else:
+        per_layer = hidden * hidden // 2 + 32 + 2 * hidden + 3 * record
+    return max(1, round(target_bytes / per_layer))
+
+
+def shared_layer_count(layers: int, shared_fraction: float) -> int:
+    """Layers :func:`build_llm_like` shares for a fraction: the nearest whole number, half up."""
+    return int(layers * shared_fraction + 0.5)
 
 
 def build_llm_like(
@@ -160,7 +174,7 @@ def build_llm_like(
         raise ValueError("shared_fraction must be within [0, 1]")
     single = isinstance(seq_lens, int)
     functions = {"main": seq_lens} if single else dict(seq_lens)
-    n_shared = round(layers * shared_fraction)
+    n_shared = shared_layer_count(layers, shared_fraction)
     model = pb.Model(specificationVersion=SPEC_VERSION)
     model.mlProgram.version = 1
     for k, v in (metadata or {}).items():
@@ -184,6 +198,10 @@ def build_llm_like(
                     model.description.functions.append(desc)
             layout.weight_bytes = writer.size
         if not single:
-            model.description.defaultFunctionName = next(iter(functions))
+            # Model-level I/O mirrors the default function, as coremltools writes it.
+            default = model.description.functions[0]
+            model.description.defaultFunctionName = default.name
+            model.description.input.extend(default.input)
+            model.description.output.extend(default.output)
         staged.commit(model)
     return layout

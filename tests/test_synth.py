@@ -45,7 +45,7 @@ def test_demo_runs(tmp_path):
     run = subprocess.run([sys.executable, "-m", "milsurgery.demo", "--keep", str(tmp_path)], capture_output=True, text=True, env=env)
     assert run.returncode == 0, run.stderr
     assert "2 functions equivalent to their sources" in run.stdout
-    assert "shared by 'infer' and 'prefill': 9 blobs" in run.stdout
+    assert "shared by 'infer' and 'prefill': 16 blobs" in run.stdout
     assert os.path.isdir(tmp_path / "llm.mlpackage")
 
 
