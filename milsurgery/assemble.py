@@ -32,7 +32,7 @@ from .formats import (
     WEIGHT_FILE_NAME,
 )
 from .package import Package, ResolvedRef, StagedPackage
-from .spec import BlobRef, iter_blob_refs, iter_function_values
+from .spec import BlobRef, _values_in_value, iter_blob_refs, iter_function_values
 
 __all__ = ["Pick", "WriteReport", "build_model", "write_package", "Progress"]
 
@@ -155,26 +155,24 @@ def build_model(
     _merge_metadata(out, sources, warnings)
 
     pairs: list[tuple[BlobRef, ResolvedRef]] = []
-    # Program attributes: the first source's, plus keys only later sources have.
+    # Program attributes: the first source's entries as they are, plus keys only later sources
+    # have. ``attr_sources`` follows the output's entries one to one, so each blob reference in
+    # them is paired with the very Value it was copied from.
+    attr_sources = [(base, e.value) for e in base.model.mlProgram.attributes]
     prog_keys = {e.key for e in out.mlProgram.attributes}
     for pkg in sources[1:]:
         for e in pkg.model.mlProgram.attributes:
             if e.key not in prog_keys:
                 out.mlProgram.attributes.add(key=e.key).value.CopyFrom(e.value)
+                attr_sources.append((pkg, e.value))
                 prog_keys.add(e.key)
         if not out.mlProgram.docString and pkg.model.mlProgram.docString:
             out.mlProgram.docString = pkg.model.mlProgram.docString
-    owner = {}
-    for pkg in reversed(sources):
-        for e in pkg.model.mlProgram.attributes:
-            owner[e.key] = pkg
-    by_location = {
-        (id(pkg), r.ref.location): r for pkg in sources for r in pkg.refs if r.ref.function == ""
-    }
-    for ref in iter_blob_refs(out):
-        if ref.function == "":
-            key = ref.location[len("program.attributes[") :].split("]", 1)[0]
-            pairs.append((ref, by_location[(id(owner[key]), ref.location)]))
+    for entry, (pkg, src_value) in zip(out.mlProgram.attributes, attr_sources):
+        where = f"program.attributes[{entry.key}]"
+        for (loc, new), (_, old) in zip(_values_in_value(entry.value, where), _values_in_value(src_value, where)):
+            if new.WhichOneof("value") == "blobFileValue":
+                pairs.append((BlobRef("", "", "", loc, new), pkg.resolve(BlobRef("", "", "", loc, old))))
 
     versions = []
     for p in picks:

@@ -74,9 +74,20 @@ class ResolvedRef:
 
 
 def _parse_version(text: str) -> tuple[int, ...] | None:
-    if not isinstance(text, str) or not re.fullmatch(r"\d+(\.\d+){0,2}", text):
+    if not isinstance(text, str) or not re.fullmatch(r"\d{1,9}(\.\d{1,9}){0,2}", text):
         return None
     return tuple(int(p) for p in text.split("."))
+
+
+def _unusable_name(text: str) -> str | None:
+    """Why ``text`` cannot name a file on this system, or None."""
+    if "\x00" in text:
+        return "contains a NUL character"
+    try:
+        os.fsencode(text)
+    except UnicodeEncodeError:
+        return "cannot be encoded as a file name"
+    return None
 
 
 def _inside(path: str, root: str) -> bool:
@@ -138,9 +149,12 @@ class Package:
             raise ManifestError(path, "missing: not an .mlpackage") from None
         except OSError as exc:
             raise ManifestError(path, f"cannot read: {exc.strerror}") from None
-        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        except (ValueError, RecursionError) as exc:
+            # JSONDecodeError and UnicodeDecodeError are ValueErrors; so is an integer too long to
+            # convert. Nesting deeper than the interpreter's recursion limit is a RecursionError.
             pos = getattr(exc, "pos", getattr(exc, "start", None))
-            raise ManifestError(path, f"not valid JSON ({exc})", pos) from None
+            what = "nested too deeply" if isinstance(exc, RecursionError) else str(exc)
+            raise ManifestError(path, f"not valid JSON ({what})", pos) from None
         if not isinstance(manifest, dict):
             raise ManifestError(path, "top level is not a JSON object")
         version = manifest.get("fileFormatVersion")
@@ -169,6 +183,9 @@ class Package:
 
     def _item_path(self, key: str, rel: str) -> str:
         data_dir = os.path.join(self.path, DATA_DIR)
+        problem = _unusable_name(rel)
+        if problem:
+            raise ManifestError(self.manifest_path, f"field itemInfoEntries[{key}].path: {rel!r} {problem}")
         parts = rel.replace("\\", "/").split("/")
         if os.path.isabs(rel) or rel.startswith(("/", "\\")) or ".." in parts:
             raise UnsafePathError(
@@ -199,6 +216,9 @@ class Package:
         if found is not None:
             return found
         where = f"{self.spec_path}: {ref.describe()}"
+        problem = _unusable_name(name)
+        if problem:
+            raise SpecError(self.spec_path, f"{ref.describe()}: blob file name {name!r} {problem}")
         if not name.startswith(MODEL_PATH_PREFIX):
             raise UnsafePathError(
                 f"{where}: blob file {name!r} is not under {MODEL_PATH_PREFIX!r}, the package's "
@@ -215,6 +235,10 @@ class Package:
             raise PackageError(f"{where}: blob file {name!r} does not exist ({full})")
         self.blob_files[name] = BlobFile(full)
         return self.blob_files[name]
+
+    def resolve(self, ref: BlobRef) -> ResolvedRef:
+        """The blob a reference into this package's spec points at (checked like at open)."""
+        return self._resolve(ref)
 
     def _resolve(self, ref: BlobRef) -> ResolvedRef:
         bf = self._weight_file(ref)

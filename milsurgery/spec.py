@@ -65,6 +65,8 @@ def parse_spec(data: bytes, path: str) -> pb.Model:
             "the first version with ML programs",
         )
     names = [e.key for e in model.mlProgram.functions]
+    if "" in names or any(not f.name for f in model.description.functions):
+        raise SpecError(path, "a function has an empty name")
     if len(set(names)) != len(names):
         dup = sorted({n for n in names if names.count(n) > 1})
         raise SpecError(path, f"program defines function {dup[0]!r} more than once")

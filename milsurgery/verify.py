@@ -127,6 +127,8 @@ def _block_difference(a: pb.Block, b: pb.Block, where: str) -> str | None:
                     da = {e.key: e.value for e in va}
                     db = {e.key: e.value for e in vb}
                     keys = sorted(k for k in set(da) | set(db) if da.get(k) != db.get(k))
+                    if not keys:  # same mapping, different entry order or repeated keys
+                        return f"{where}: {_op_label(oa)}: {name} differ in entry order or repeated keys"
                     return f"{where}: {_op_label(oa)}: {name}[{keys[0]}] differs"
                 return f"{where}: {_op_label(oa)}: {name} differ"
         for j, (na, nb) in enumerate(zip(oa.blocks, ob.blocks)):
@@ -208,8 +210,12 @@ def verify(package: str | os.PathLike, against: Sequence[str | os.PathLike | Sou
 
 def verify_or_remove(output: str, picks: Sequence[Pick]) -> VerifyReport:
     """Verify a freshly written output; remove it and raise :class:`VerificationFailed` if it differs."""
-    with Package(output) as pkg:
-        report = verify_picks(pkg, picks)
+    try:
+        with Package(output) as pkg:
+            report = verify_picks(pkg, picks)
+    except BaseException:  # an output that does not even open is not left behind either
+        shutil.rmtree(output, ignore_errors=True)
+        raise
     if not report.equivalent:
         shutil.rmtree(output, ignore_errors=True)
         raise VerificationFailed(report)
