@@ -245,9 +245,21 @@ def unpack_bits(data, bits: int, count: int, *, signed: bool = False) -> np.ndar
     return codes
 
 
+def _read_chunk(fd: int, buf: bytearray, nbytes: int, offset: int) -> memoryview:
+    """Read up to ``nbytes`` at ``offset`` into ``buf`` (reused, so no allocation per chunk)."""
+    view = memoryview(buf)[:nbytes]
+    if hasattr(os, "preadv"):
+        return view[: os.preadv(fd, [view], offset)]
+    data = os.pread(fd, nbytes, offset)
+    view[: len(data)] = data
+    return view[: len(data)]
+
+
 def _copy_range(src_fd: int, src_off: int, dst_fd: int, dst_off: int, nbytes: int) -> None:
-    """Copy bytes file to file: ``copy_file_range`` where available, else bounded chunks."""
+    """Copy bytes file to file: ``copy_file_range`` where available (the kernel moves the bytes,
+    or shares them on file systems with reflinks), else through one reused bounded buffer."""
     copy = getattr(os, "copy_file_range", None)
+    buf = None
     while nbytes > 0:
         done = 0
         if copy is not None:
@@ -259,10 +271,12 @@ def _copy_range(src_fd: int, src_off: int, dst_fd: int, dst_off: int, nbytes: in
                 copy = None
                 continue
         if done == 0:  # no copy_file_range, or it made no progress: use a bounded buffer
-            data = os.pread(src_fd, min(nbytes, CHUNK_SIZE), src_off)
-            if not data:
+            if buf is None:
+                buf = bytearray(min(nbytes, CHUNK_SIZE))
+            chunk = _read_chunk(src_fd, buf, min(nbytes, len(buf)), src_off)
+            if not chunk:
                 raise OSError(5, "source file shrank during copy")
-            done = os.pwrite(dst_fd, data, dst_off)
+            done = os.pwrite(dst_fd, chunk, dst_off)
         src_off += done
         dst_off += done
         nbytes -= done

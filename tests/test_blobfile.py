@@ -126,11 +126,13 @@ def test_copy_from_moves_bytes_and_falls_back_to_chunks(tmp_path, monkeypatch):
     with BlobWriter(src) as w:
         w.add_array("uint8", payload[:10])
         off = w.add_array("uint8", payload)
-    for use_copy_file_range in (True, False):
-        if not use_copy_file_range:
+    for mode in ("copy_file_range", "preadv", "pread"):  # each step removes one more way
+        if mode == "preadv":
             monkeypatch.delattr(os, "copy_file_range", raising=False)
-            monkeypatch.setattr("milsurgery.blobfile.CHUNK_SIZE", 1 << 20)
-        dst = tmp_path / f"dst{use_copy_file_range}.bin"
+            monkeypatch.setattr("milsurgery.blobfile.CHUNK_SIZE", 1 << 20)  # several chunks
+        if mode == "pread":
+            monkeypatch.delattr(os, "preadv", raising=False)
+        dst = tmp_path / f"dst-{mode}.bin"
         with BlobFile(src) as bf, BlobWriter(dst) as w:
             new = w.copy_from(bf, bf.blobs[off])
         with BlobFile(dst) as out:
