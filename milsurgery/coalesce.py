@@ -2,8 +2,8 @@
 
 Two blobs are the same weight iff they have the same dtype, the same size, the same sub-byte
 padding and the same bytes. The bit pattern decides: -0.0 and 0.0 differ, a NaN-bearing tensor
-equals its exact copy. Hashes (xxh3-128) only pick candidates among three or more blobs of one
-(dtype, size); a byte comparison decides.
+equals its exact copy. Hashes (xxh3-128 of samples, then of whole blobs) only narrow down the
+candidates among blobs of one (dtype, size); a byte comparison always decides.
 
 Bytes are read through bounded mmap windows that are unmapped as soon as they are used, so a
 process's resident memory does not grow with the size of the blobs.
@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import ctypes
 import mmap
+import os
 from collections.abc import Callable, Hashable, Sequence
 from dataclasses import dataclass
 
@@ -21,10 +22,10 @@ import xxhash
 
 from .blobfile import Blob, BlobFile
 
-__all__ = ["BlobSource", "Stats", "group_identical", "blob_digest", "blobs_equal", "WINDOW"]
+__all__ = ["BlobSource", "Stats", "group_identical", "blob_digest", "sample_digest", "blobs_equal", "WINDOW"]
 
 #: Bytes mapped at once while hashing or comparing.
-WINDOW = 32 << 20
+WINDOW = 8 << 20
 _PAGE = mmap.ALLOCATIONGRANULARITY
 
 
@@ -116,6 +117,31 @@ def blob_digest(src: BlobSource, stats: Stats | None = None) -> bytes:
     return h.digest()
 
 
+#: Bytes read from each of the start, middle and end of a blob for its sample digest.
+SAMPLE = 4096
+
+
+def sample_digest(src: BlobSource, stats: Stats | None = None) -> bytes:
+    """xxh3-128 of up to three small slices of a blob (start, middle, end), read with ``pread``.
+
+    Cheap to compute whatever the blob's size; tells most different same-size blobs apart, so
+    that the full hash is needed only among blobs whose samples agree.
+    """
+    size, data = src.blob.size, src.blob.data_offset
+    if size <= 3 * SAMPLE:
+        starts = [0]
+        length = size
+    else:
+        starts = [0, (size // 2) - SAMPLE // 2, size - SAMPLE]
+        length = SAMPLE
+    h = xxhash.xxh3_128()
+    for start in starts:
+        h.update(os.pread(src.file.fileno(), length, data + start))
+    if stats is not None:
+        stats.bytes_hashed += length * len(starts)
+    return h.digest()
+
+
 def blobs_equal(a: BlobSource, b: BlobSource, stats: Stats | None = None) -> bool:
     """True iff two blobs have the same dtype, size, padding and bytes."""
     if a.shape_key != b.shape_key:
@@ -137,8 +163,9 @@ def group_identical(
 ) -> list[int]:
     """For each source, the index of the first source with identical content (itself if none).
 
-    Only blobs whose (dtype, size, padding) collide are looked at: a pair is compared byte by
-    byte; three or more are hashed, and equal hashes are confirmed by comparing bytes. ``on_progress`` is called with the bytes processed so far.
+    Only blobs whose (dtype, size, padding) collide are looked at. Three or more such blobs are
+    first split by a sample digest (a few KiB of each); then any two candidates left are compared
+    byte by byte, and three or more are hashed in full, equal hashes confirmed by comparing bytes. ``on_progress`` is called with the bytes processed so far.
     """
     canonical = list(range(len(sources)))
     by_shape: dict[Hashable, list[int]] = {}
@@ -150,9 +177,30 @@ def group_identical(
             continue
         by_shape.setdefault(src.shape_key, []).append(i)
     done = 0
+
+    def advance(members: list[int]) -> None:
+        nonlocal done
+        done += sum(sources[i].blob.size for i in members)
+        if on_progress:
+            on_progress(done)
+
+    candidate_sets: list[list[int]] = []
     for members in by_shape.values():
         if len(members) < 2:
             continue
+        if len(members) == 2:
+            candidate_sets.append(members)
+            continue
+        # Many blobs of one size (the layers of a model): a sample digest splits them cheaply.
+        by_sample: dict[bytes, list[int]] = {}
+        for i in members:
+            by_sample.setdefault(sample_digest(sources[i], stats), []).append(i)
+        for same_sample in by_sample.values():
+            if len(same_sample) > 1:
+                candidate_sets.append(same_sample)
+            else:
+                advance(same_sample)
+    for members in candidate_sets:
         if len(members) == 2:
             # Two candidates: compare them directly. Hashing both would read the same bytes
             # once more, and a byte comparison decides either way (it stops at the first
@@ -160,16 +208,12 @@ def group_identical(
             i, j = members
             if blobs_equal(sources[i], sources[j], stats):
                 canonical[j] = i
-            done += sources[i].blob.size + sources[j].blob.size
-            if on_progress:
-                on_progress(done)
+            advance(members)
             continue
         by_digest: dict[bytes, list[int]] = {}
         for i in members:
             by_digest.setdefault(blob_digest(sources[i], stats), []).append(i)
-            done += sources[i].blob.size
-            if on_progress:
-                on_progress(done)
+            advance([i])
         for same_hash in by_digest.values():
             reps: list[int] = []
             for i in same_hash:

@@ -199,9 +199,30 @@ def test_hash_only_picks_candidates_bytes_decide(tmp_path, monkeypatch):
         for arr in (a, b, a, a[:32], b[:32]):
             w.add_array("uint8", arr)
     monkeypatch.setattr(coalesce, "blob_digest", lambda src, stats=None: b"same")
+    monkeypatch.setattr(coalesce, "sample_digest", lambda src, stats=None: b"same")
     with BlobFile(path) as bf:
         src = [coalesce.BlobSource(bf, blob) for blob in bf]
         stats = coalesce.Stats()
         assert coalesce.group_identical(src, stats) == [0, 1, 0, 3, 4]
         assert stats.bytes_hashed == 0  # the patched digest counts nothing; the pair is compared
         assert stats.bytes_compared >= 2 * 32
+
+
+def test_blobs_differing_outside_the_samples_are_told_apart(tmp_path):
+    """Same-size blobs whose sampled slices agree go on to a full hash and a byte comparison."""
+    from milsurgery.blobfile import BlobFile, BlobWriter
+    import milsurgery.coalesce as coalesce
+
+    a = np.zeros(16 * coalesce.SAMPLE, np.uint8)
+    b = a.copy()
+    b[coalesce.SAMPLE + 7] = 1  # between the start and middle samples
+    path = tmp_path / "w.bin"
+    with BlobWriter(path) as w:
+        for arr in (a, b, a, b, a):
+            w.add_array("uint8", arr)
+    with BlobFile(path) as bf:
+        src = [coalesce.BlobSource(bf, blob) for blob in bf]
+        assert len({coalesce.sample_digest(x) for x in src}) == 1
+        stats = coalesce.Stats()
+        assert coalesce.group_identical(src, stats) == [0, 1, 0, 1, 0]
+        assert stats.bytes_hashed >= 5 * a.size  # the full hash was needed
