@@ -81,21 +81,29 @@ class BlobFile:
                     self.path,
                     f"file is {self.file_size} bytes, shorter than the {HEADER_SIZE}-byte storage header",
                 )
-            self._mm = mmap.mmap(self._fd, self.file_size, access=mmap.ACCESS_READ)
             self.blobs: dict[int, Blob] = {}
             self.end_of_blobs = HEADER_SIZE
             self._validate()
-            # The records have been read; let the kernel drop their pages from this process.
-            if hasattr(self._mm, "madvise") and hasattr(mmap, "MADV_DONTNEED"):
-                self._mm.madvise(mmap.MADV_DONTNEED)
+            # Mapped only now: records are read with pread, so validating maps no pages (page
+            # faults on a mapping would read ahead around every record).
+            self._mm = mmap.mmap(self._fd, self.file_size, access=mmap.ACCESS_READ)
         except BaseException:
             self.close()
             raise
 
     # -- validation ----------------------------------------------------------------------------
+    def _read(self, offset: int, n: int) -> bytes:
+        try:
+            data = os.pread(self._fd, n, offset)
+        except OSError as exc:
+            raise BlobFileError(self.path, f"cannot read: {exc.strerror}", offset) from None
+        if len(data) != n:
+            raise BlobFileError(self.path, "file shrank while being read", offset)
+        return data
+
     def _validate(self) -> None:
-        mm, path, size = self._mm, self.path, self.file_size
-        count, version, *_reserved = HEADER_STRUCT.unpack_from(mm, 0)
+        path, size = self.path, self.file_size
+        count, version, *_reserved = HEADER_STRUCT.unpack(self._read(0, HEADER_SIZE))
         if version != STORAGE_VERSION:
             raise BlobFileError(
                 path, f"storage version is {version}, only version {STORAGE_VERSION} is supported", 4
@@ -117,7 +125,7 @@ class BlobFile:
                     f"{size}-byte file",
                     offset,
                 )
-            sentinel, code, nbytes, data_offset, padding, *_ = RECORD_STRUCT.unpack_from(mm, offset)
+            sentinel, code, nbytes, data_offset, padding, *_ = RECORD_STRUCT.unpack(self._read(offset, RECORD_SIZE))
             if sentinel != SENTINEL:
                 raise BlobFileError(
                     path, f"blob {index}: bad sentinel 0x{sentinel:08X} (expected 0xDEADBEEF)", offset
