@@ -32,7 +32,7 @@ from .formats import (
     WEIGHT_FILE_NAME,
 )
 from .package import Package, ResolvedRef, StagedPackage
-from .spec import BlobRef, _values_in_value, iter_blob_refs, iter_function_values
+from .spec import BlobRef, iter_blob_refs, iter_function_values, values_in_value
 
 __all__ = ["Pick", "WriteReport", "build_model", "write_package", "Progress"]
 
@@ -170,7 +170,8 @@ def build_model(
             out.mlProgram.docString = pkg.model.mlProgram.docString
     for entry, (pkg, src_value) in zip(out.mlProgram.attributes, attr_sources):
         where = f"program.attributes[{entry.key}]"
-        for (loc, new), (_, old) in zip(_values_in_value(entry.value, where), _values_in_value(src_value, where)):
+        walked = zip(values_in_value(entry.value, where), values_in_value(src_value, where))
+        for (loc, new), (_, old) in walked:
             if new.WhichOneof("value") == "blobFileValue":
                 pairs.append((BlobRef("", "", "", loc, new), pkg.resolve(BlobRef("", "", "", loc, old))))
 

@@ -290,6 +290,11 @@ def _copy_range(src_fd: int, src_off: int, dst_fd: int, dst_off: int, nbytes: in
         nbytes -= done
 
 
+def _count_and_version(count: int) -> bytes:
+    """The header's first 8 bytes: what an append rewrites (the rest of the header stays)."""
+    return HEADER_STRUCT.pack(count, STORAGE_VERSION, *[0] * 7)[:8]
+
+
 class BlobWriter:
     """Writes a blob storage file, appending one record + data per blob.
 
@@ -309,14 +314,14 @@ class BlobWriter:
                 with BlobFile(self.path) as existing:
                     self.count = existing.count
                     self._end = existing.end_of_blobs
-                    self._original = (existing.count, existing.file_size)
+                    self._original_size: int | None = existing.file_size
                 self._fd = os.open(self.path, os.O_RDWR | getattr(os, "O_CLOEXEC", 0))
             else:
                 self._fd = os.open(
                     self.path, os.O_RDWR | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0), 0o644
                 )
                 self.count = 0
-                self._original = None
+                self._original_size = None
                 os.pwrite(self._fd, HEADER_STRUCT.pack(0, STORAGE_VERSION, *[0] * 7), 0)
                 self._end = HEADER_SIZE
         except OSError as exc:
@@ -409,7 +414,7 @@ class BlobWriter:
             os.ftruncate(self._fd, self._end)  # drop bytes an interrupted append left behind
             if self.sync:
                 os.fsync(self._fd)
-            os.pwrite(self._fd, HEADER_STRUCT.pack(self.count, STORAGE_VERSION, *[0] * 7)[:8], 0)
+            os.pwrite(self._fd, _count_and_version(self.count), 0)
             if self.sync:
                 os.fsync(self._fd)
         except OSError as exc:
@@ -426,8 +431,8 @@ class BlobWriter:
         """
         if not self.closed:
             try:
-                if self._original is not None:
-                    os.ftruncate(self._fd, self._original[1])
+                if self._original_size is not None:
+                    os.ftruncate(self._fd, self._original_size)
             except OSError:
                 pass
             finally:
@@ -445,7 +450,7 @@ def restore_blob_file(path: str, count: int, size: int) -> None:
     except OSError as exc:
         raise WriteError(f"{path}: cannot reopen to undo an append: {exc.strerror}") from None
     try:
-        os.pwrite(fd, HEADER_STRUCT.pack(count, STORAGE_VERSION, *[0] * 7)[:8], 0)
+        os.pwrite(fd, _count_and_version(count), 0)
         os.fsync(fd)
         os.ftruncate(fd, size)
         os.fsync(fd)

@@ -165,7 +165,8 @@ def group_identical(
 
     Only blobs whose (dtype, size, padding) collide are looked at. Three or more such blobs are
     first split by a sample digest (a few KiB of each); then any two candidates left are compared
-    byte by byte, and three or more are hashed in full, equal hashes confirmed by comparing bytes. ``on_progress`` is called with the bytes processed so far.
+    byte by byte, and three or more are hashed in full, equal hashes confirmed by comparing
+    bytes. ``on_progress`` is called with the bytes processed so far.
     """
     canonical = list(range(len(sources)))
     by_shape: dict[Hashable, list[int]] = {}

@@ -35,6 +35,7 @@ __all__ = [
     "program_functions",
     "BlobRef",
     "iter_blob_refs",
+    "values_in_value",
     "op_type_histogram",
     "tensor_element_count",
 ]
@@ -182,7 +183,7 @@ class BlobRef:
         return f"function {self.function!r} {where}{self.location}"
 
 
-def _values_in_value(value: pb.Value, where: str) -> Iterator[tuple[str, pb.Value]]:
+def values_in_value(value: pb.Value, where: str) -> Iterator[tuple[str, pb.Value]]:
     """A Value and every Value nested in it (tuples, lists, dictionaries, type attributes)."""
     yield where, value
     yield from _values_in_type(value.type, where + ".type")
@@ -191,18 +192,18 @@ def _values_in_value(value: pb.Value, where: str) -> Iterator[tuple[str, pb.Valu
         kind = imm.WhichOneof("value")
         if kind in ("tuple", "list"):
             for i, v in enumerate(getattr(imm, kind).values):
-                yield from _values_in_value(v, f"{where}.{kind}[{i}]")
+                yield from values_in_value(v, f"{where}.{kind}[{i}]")
         elif kind == "dictionary":
             for i, kv in enumerate(imm.dictionary.values):
-                yield from _values_in_value(kv.key, f"{where}.dictionary[{i}].key")
-                yield from _values_in_value(kv.value, f"{where}.dictionary[{i}].value")
+                yield from values_in_value(kv.key, f"{where}.dictionary[{i}].key")
+                yield from values_in_value(kv.value, f"{where}.dictionary[{i}].value")
 
 
 def _values_in_type(vtype: pb.ValueType, where: str) -> Iterator[tuple[str, pb.Value]]:
     kind = vtype.WhichOneof("type")
     if kind == "tensorType":
         for e in vtype.tensorType.attributes:
-            yield from _values_in_value(e.value, f"{where}.attributes[{e.key}]")
+            yield from values_in_value(e.value, f"{where}.attributes[{e.key}]")
     elif kind == "listType":
         yield from _values_in_type(vtype.listType.type, where + ".list")
     elif kind == "tupleType":
@@ -217,7 +218,7 @@ def _values_in_type(vtype: pb.ValueType, where: str) -> Iterator[tuple[str, pb.V
 
 def _values_in_attributes(attrs, where: str) -> Iterator[tuple[str, pb.Value]]:
     for e in attrs:
-        yield from _values_in_value(e.value, f"{where}attributes[{e.key}]")
+        yield from values_in_value(e.value, f"{where}attributes[{e.key}]")
 
 
 def _values_in_named_types(named, where: str) -> Iterator[tuple[str, pb.Value]]:
@@ -238,7 +239,7 @@ def _iter_block(function: str, block: pb.Block, prefix: str) -> Iterator[BlobRef
         for e in op.inputs:
             for i, binding in enumerate(e.value.arguments):
                 if binding.WhichOneof("binding") == "value":
-                    found.extend(_values_in_value(binding.value, f"inputs[{e.key}][{i}]"))
+                    found.extend(values_in_value(binding.value, f"inputs[{e.key}][{i}]"))
         found.extend(_values_in_named_types(op.outputs, "outputs"))
         for where, v in found:
             yield BlobRef(function, op.type, op_name, prefix + where, v)
