@@ -16,8 +16,7 @@ import mmap
 import os
 from collections.abc import Iterator
 from dataclasses import dataclass
-
-import numpy as np
+from typing import TYPE_CHECKING
 
 from .errors import BlobFileError, WriteError
 from .formats import (
@@ -33,6 +32,12 @@ from .formats import (
     BlobDType,
     align,
 )
+
+if TYPE_CHECKING:
+    import numpy as np
+
+# numpy is imported where values are encoded or decoded, not at import: the weight path (open,
+# compare, copy) never needs it, and importing it is a good part of a command's start-up time.
 
 __all__ = ["Blob", "BlobFile", "BlobWriter", "pack_bits", "unpack_bits", "restore_blob_file", "CHUNK_SIZE"]
 
@@ -86,7 +91,10 @@ class BlobFile:
             self._validate()
             # Mapped only now: records are read with pread, so validating maps no pages (page
             # faults on a mapping would read ahead around every record).
-            self._mm = mmap.mmap(self._fd, self.file_size, access=mmap.ACCESS_READ)
+            try:
+                self._mm = mmap.mmap(self._fd, self.file_size, access=mmap.ACCESS_READ)
+            except OSError as exc:
+                raise BlobFileError(self.path, f"cannot map the file ({self.file_size} bytes): {exc.strerror}") from None
         except BaseException:
             self.close()
             raise
@@ -227,6 +235,8 @@ class BlobFile:
         dtypes are unpacked to uint8 (int4 to int8); bfloat16 and float8 come back as their raw
         bit patterns (uint16 / uint8), since numpy has no such types.
         """
+        import numpy as np
+
         data = self.view(blob)
         d = blob.dtype
         if d.sub_byte:
@@ -238,6 +248,8 @@ class BlobFile:
 
 def pack_bits(codes: np.ndarray, bits: int) -> bytes:
     """Pack integer codes LSB-first, ``bits`` bits each (element i at bits [i*b, i*b+b))."""
+    import numpy as np
+
     codes = np.asarray(codes).astype(np.int64).ravel() & ((1 << bits) - 1)
     as_bits = np.unpackbits(codes.astype(np.uint8)[:, None], axis=1, bitorder="little")[:, :bits]
     return np.packbits(as_bits.ravel(), bitorder="little").tobytes()
@@ -245,6 +257,8 @@ def pack_bits(codes: np.ndarray, bits: int) -> bytes:
 
 def unpack_bits(data, bits: int, count: int, *, signed: bool = False) -> np.ndarray:
     """Inverse of :func:`pack_bits`: ``count`` codes of ``bits`` bits (int8 sign-extended if signed)."""
+    import numpy as np
+
     raw = np.unpackbits(np.frombuffer(data, dtype=np.uint8), bitorder="little")[: count * bits]
     codes = np.packbits(raw.reshape(count, bits), axis=1, bitorder="little").ravel()
     if signed:
@@ -386,6 +400,8 @@ class BlobWriter:
 
         Sub-byte dtypes take integer codes (int4: -8..7); bfloat16/float8 take raw bit patterns.
         """
+        import numpy as np
+
         d = self._dtype(dtype)
         values = np.asarray(values).ravel()
         if d.sub_byte:

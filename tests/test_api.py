@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import milsurgery
 from milsurgery.cli import build_parser
 
@@ -18,3 +20,30 @@ def test_every_command_is_a_public_function():
 
 def test_all_names_exist():
     assert sorted(set(milsurgery.__all__) - set(dir(milsurgery))) == []
+
+
+def test_the_weight_path_does_not_import_numpy(tmp_path):
+    """Opening, merging (compare and copy) and inspecting never need numpy: it is imported only
+    where values are encoded or decoded, so it does not add to every command's start-up time."""
+    import subprocess
+    import sys
+
+    import numpy as np
+
+    import minipkg
+
+    w = np.arange(4096, dtype=np.float16).reshape(64, 64)
+    a = minipkg.make(tmp_path / "a.mlpackage", {"main": [("float16", w), ("float16", w + 1)]})
+    b = minipkg.make(tmp_path / "b.mlpackage", {"main": [("float16", w), ("float16", w + 2)]})
+    code = (
+        "import sys\n"
+        "from milsurgery.cli import main\n"
+        "assert main(['merge', '-o', sys.argv[3], '--quiet', sys.argv[1] + ':main=x', sys.argv[2] + ':main=y']) == 0\n"
+        "assert main(['inspect', sys.argv[3]]) == 0\n"
+        "print('numpy' in sys.modules)\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", code, a, b, str(tmp_path / "out.mlpackage")], capture_output=True, text=True, check=True
+    )
+    assert done.stdout.strip().splitlines()[-1] == "False"
+    assert os.path.isdir(tmp_path / "out.mlpackage")

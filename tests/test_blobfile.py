@@ -12,7 +12,9 @@ import numpy as np
 import pytest
 
 from checks import CT_READ, all_records
+import milsurgery.blobfile
 from milsurgery.blobfile import BlobFile, BlobWriter, pack_bits, unpack_bits
+from milsurgery.errors import BlobFileError
 from milsurgery.formats import BLOB_DTYPES
 
 RNG = np.random.default_rng(7)
@@ -187,3 +189,19 @@ def test_open_reads_no_weight_bytes(tmp_path):
     """)
     grown_kib = int(subprocess.run([sys.executable, "-c", script], check=True, capture_output=True, text=True).stdout)
     assert grown_kib < 16 * 1024
+
+
+def test_a_file_that_cannot_be_mapped_is_a_precise_error(tmp_path, monkeypatch):
+    """Opening maps the weight file once; a failing mapping names the file, not a traceback."""
+    path = tmp_path / "w.bin"
+    with BlobWriter(path) as w:
+        w.add_array("uint8", [1, 2, 3])
+    real_mmap = milsurgery.blobfile.mmap.mmap
+
+    def failing_mmap(*args, **kwargs):
+        raise OSError(19, "No such device")
+
+    monkeypatch.setattr(milsurgery.blobfile.mmap, "mmap", failing_mmap)
+    with pytest.raises(BlobFileError, match=r"w\.bin: cannot map the file \(\d+ bytes\): No such device"):
+        BlobFile(path)
+    monkeypatch.setattr(milsurgery.blobfile.mmap, "mmap", real_mmap)
