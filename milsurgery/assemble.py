@@ -7,9 +7,10 @@ pick and what they call them. :func:`write_package` takes those picks and:
    attributes survive) with a program holding exactly the picked functions, each a copy of its
    source's Function message, and a FunctionDescription per function;
 2. pairs every blob reference of the output with the source blob it came from;
-3. groups the referenced source blobs by identical content (:mod:`milsurgery.coalesce`);
+3. groups the referenced source blobs by identical content (:mod:`milsurgery.coalesce`) and
 4. copies one blob per content, file to file, into the output's single ``weight.bin`` and points
-   every reference at it;
+   every reference at it; the comparisons of step 3 run in a second thread while step 4 copies
+   the blobs already known to be first of their content;
 5. writes spec and manifest and renames the staged package into place.
 """
 
@@ -22,7 +23,7 @@ from dataclasses import asdict, dataclass, field
 
 from ._proto import milsurgery_spec_pb2 as pb
 from .blobfile import BlobWriter
-from .coalesce import BlobSource, Stats, group_identical
+from .coalesce import BlobSource, ConcurrentGrouping, Stats
 from .errors import UsageError
 from .formats import (
     DEFAULT_WEIGHT_REF,
@@ -36,7 +37,7 @@ from .spec import BlobRef, iter_blob_refs, iter_function_values, values_in_value
 
 __all__ = ["Pick", "WriteReport", "build_model", "write_package", "Progress"]
 
-#: progress(phase, done, total): phase is "hashing" or "copying"; done and total are bytes.
+#: progress(phase, done, total): phase names the work ("copying"); done and total are bytes.
 Progress = Callable[[str, int, int], None]
 
 
@@ -230,19 +231,24 @@ def write_package(
     sources = [BlobSource(r.file, r.blob) for _, r in pairs]
     stats = Stats()
     total = sum(s.blob.size for s in {s.key: s for s in sources}.values())
-    canonical = group_identical(
-        sources, stats, on_progress=(lambda done: progress("hashing", done, total)) if progress else None
-    )
+    canonical: list[int] = []
     with StagedPackage(dest, force=force) as staged:
         offsets: dict[int, int] = {}
-        copied = 0
-        with BlobWriter(staged.weight_path(WEIGHT_FILE_NAME)) as writer:
+        copied = done = 0
+        # Identical blobs are found while the first of each are being copied: the grouping's
+        # comparisons and the copies overlap.
+        with ConcurrentGrouping(sources, stats) as grouping, BlobWriter(staged.weight_path(WEIGHT_FILE_NAME)) as writer:
+            seen: set[tuple[int, int]] = set()
             for i, src in enumerate(sources):
+                canonical.append(grouping.canonical_of(i))
                 if canonical[i] == i:
                     offsets[i] = writer.copy_from(src.file, src.blob)
                     copied += src.blob.size
+                if src.key not in seen:
+                    seen.add(src.key)
+                    done += src.blob.size
                     if progress:
-                        progress("copying", copied, total)
+                        progress("copying", done, total)
         for (ref, _), c in zip(pairs, canonical):
             ref.value.blobFileValue.fileName = DEFAULT_WEIGHT_REF
             ref.value.blobFileValue.offset = offsets[c]

@@ -14,6 +14,7 @@ from __future__ import annotations
 import ctypes
 import mmap
 import os
+import threading
 from collections.abc import Callable, Hashable, Sequence
 from dataclasses import dataclass
 
@@ -22,7 +23,7 @@ import xxhash
 from .blobfile import Blob, BlobFile
 from .errors import BlobFileError
 
-__all__ = ["BlobSource", "Stats", "group_identical", "blob_digest", "sample_digest", "blobs_equal", "WINDOW"]
+__all__ = ["BlobSource", "Stats", "group_identical", "ConcurrentGrouping", "blob_digest", "sample_digest", "blobs_equal", "WINDOW"]
 
 #: Bytes mapped at once while hashing or comparing.
 WINDOW = 8 << 20
@@ -165,6 +166,78 @@ def blobs_equal(a: BlobSource, b: BlobSource, stats: Stats | None = None) -> boo
     return True
 
 
+@dataclass
+class _Plan:
+    """What the cheap pass over the sources decides, and what is left to compare.
+
+    ``canonical[i]`` is final for every source outside ``pending``; a physical duplicate (the same
+    record of the same file seen again) points at its first occurrence, whose own canonical may
+    still be pending. ``candidate_sets`` are the groups left to compare, each sorted, ordered by
+    their first undecided member (the second), so a writer going through the sources in order
+    waits as little as possible. ``settled`` lists the sources the cheap pass decided.
+    """
+
+    canonical: list[int]
+    candidate_sets: list[list[int]]
+    pending: dict[int, int]  # undecided source -> index of its candidate set
+    settled: list[int]
+
+
+def _plan(sources: Sequence[BlobSource], stats: Stats | None) -> _Plan:
+    canonical = list(range(len(sources)))
+    by_shape: dict[Hashable, list[int]] = {}
+    seen_physical: dict[tuple[int, int], int] = {}
+    for i, src in enumerate(sources):
+        first = seen_physical.setdefault(src.key, i)
+        if first != i:
+            canonical[i] = first
+            continue
+        by_shape.setdefault(src.shape_key, []).append(i)
+    candidate_sets: list[list[int]] = []
+    settled: list[int] = []
+    for members in by_shape.values():
+        if len(members) < 2:
+            settled.extend(members)
+        elif len(members) == 2:
+            candidate_sets.append(members)
+        else:
+            # Many blobs of one size (the layers of a model): a sample digest splits them cheaply.
+            by_sample: dict[bytes, list[int]] = {}
+            for i in members:
+                by_sample.setdefault(sample_digest(sources[i], stats), []).append(i)
+            for same_sample in by_sample.values():
+                if len(same_sample) > 1:
+                    candidate_sets.append(same_sample)
+                else:
+                    settled.extend(same_sample)
+    candidate_sets.sort(key=lambda members: members[1])
+    pending = {i: k for k, members in enumerate(candidate_sets) for i in members[1:]}
+    return _Plan(canonical, candidate_sets, pending, settled)
+
+
+def _resolve(sources: Sequence[BlobSource], members: list[int], canonical: list[int], stats: Stats | None) -> None:
+    """Decide ``canonical`` for one candidate set (sorted; its first member stays canonical)."""
+    if len(members) == 2:
+        # Two candidates: compare them directly. Hashing both would read the same bytes once
+        # more, and a byte comparison decides either way (it stops at the first difference).
+        i, j = members
+        if blobs_equal(sources[i], sources[j], stats):
+            canonical[j] = i
+        return
+    by_digest: dict[bytes, list[int]] = {}
+    for i in members:
+        by_digest.setdefault(blob_digest(sources[i], stats), []).append(i)
+    for same_hash in by_digest.values():
+        reps: list[int] = []
+        for i in same_hash:
+            for r in reps:
+                if blobs_equal(sources[r], sources[i], stats):
+                    canonical[i] = r
+                    break
+            else:
+                reps.append(i)
+
+
 def group_identical(
     sources: Sequence[BlobSource],
     stats: Stats | None = None,
@@ -177,15 +250,7 @@ def group_identical(
     byte by byte, and three or more are hashed in full, equal hashes confirmed by comparing
     bytes. ``on_progress`` is called with the bytes processed so far.
     """
-    canonical = list(range(len(sources)))
-    by_shape: dict[Hashable, list[int]] = {}
-    seen_physical: dict[tuple[int, int], int] = {}
-    for i, src in enumerate(sources):
-        first = seen_physical.setdefault(src.key, i)
-        if first != i:
-            canonical[i] = first
-            continue
-        by_shape.setdefault(src.shape_key, []).append(i)
+    plan = _plan(sources, stats)
     done = 0
 
     def advance(members: list[int]) -> None:
@@ -194,46 +259,74 @@ def group_identical(
         if on_progress:
             on_progress(done)
 
-    candidate_sets: list[list[int]] = []
-    for members in by_shape.values():
-        if len(members) < 2:
-            continue
-        if len(members) == 2:
-            candidate_sets.append(members)
-            continue
-        # Many blobs of one size (the layers of a model): a sample digest splits them cheaply.
-        by_sample: dict[bytes, list[int]] = {}
-        for i in members:
-            by_sample.setdefault(sample_digest(sources[i], stats), []).append(i)
-        for same_sample in by_sample.values():
-            if len(same_sample) > 1:
-                candidate_sets.append(same_sample)
-            else:
-                advance(same_sample)
-    for members in candidate_sets:
-        if len(members) == 2:
-            # Two candidates: compare them directly. Hashing both would read the same bytes
-            # once more, and a byte comparison decides either way (it stops at the first
-            # difference).
-            i, j = members
-            if blobs_equal(sources[i], sources[j], stats):
-                canonical[j] = i
-            advance(members)
-            continue
-        by_digest: dict[bytes, list[int]] = {}
-        for i in members:
-            by_digest.setdefault(blob_digest(sources[i], stats), []).append(i)
-            advance([i])
-        for same_hash in by_digest.values():
-            reps: list[int] = []
-            for i in same_hash:
-                for r in reps:
-                    if blobs_equal(sources[r], sources[i], stats):
-                        canonical[i] = r
-                        break
-                else:
-                    reps.append(i)
+    advance(plan.settled)
+    for members in plan.candidate_sets:
+        _resolve(sources, members, plan.canonical, stats)
+        advance(members)
+    canonical = plan.canonical
     # Point duplicates of a physical blob at the canonical of its first occurrence.
     for i, c in enumerate(canonical):
         canonical[i] = canonical[c]
     return canonical
+
+
+class ConcurrentGrouping:
+    """:func:`group_identical` running in a background thread while the caller writes.
+
+    The cheap pass (shapes, sample digests) runs at construction. Inside ``with``, a worker
+    compares the remaining candidates; :meth:`canonical_of` answers at once for sources that pass
+    already decided (every first member of a group: what a writer copies) and waits for the
+    worker only where a comparison is still running. Comparing (``memcmp``, hashing) and copying
+    (``copy_file_range``) both run outside the GIL, so the two overlap on separate cores.
+
+    A worker's exception is raised by :meth:`canonical_of`; leaving the ``with`` block stops the
+    worker (after the candidate set it is comparing) and waits for it.
+    """
+
+    def __init__(self, sources: Sequence[BlobSource], stats: Stats | None = None):
+        self._sources = sources
+        self._stats = stats
+        self._plan = _plan(sources, stats)
+        self._resolved = 0  # candidate sets decided so far
+        self._error: BaseException | None = None
+        self._cond = threading.Condition()
+        self._stop = False
+        self._thread = threading.Thread(target=self._work, name="milsurgery-compare", daemon=True)
+
+    def __enter__(self) -> ConcurrentGrouping:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        with self._cond:
+            self._stop = True
+        if self._thread.is_alive():
+            self._thread.join()
+
+    def _work(self) -> None:
+        try:
+            for k, members in enumerate(self._plan.candidate_sets):
+                if self._stop:
+                    return
+                _resolve(self._sources, members, self._plan.canonical, self._stats)
+                with self._cond:
+                    self._resolved = k + 1
+                    self._cond.notify_all()
+        except BaseException as exc:  # handed to the caller's thread
+            with self._cond:
+                self._error = exc
+                self._cond.notify_all()
+
+    def canonical_of(self, i: int) -> int:
+        """The index of the first source with content identical to source ``i``."""
+        first = self._plan.canonical[i]
+        if first != i and i not in self._plan.pending:
+            return self.canonical_of(first)  # a physical duplicate: its first occurrence decides
+        k = self._plan.pending.get(i)
+        if k is not None and self._resolved <= k:
+            with self._cond:
+                while self._resolved <= k and self._error is None:
+                    self._cond.wait()
+        if self._error is not None and (k is not None and self._resolved <= k):
+            raise self._error
+        return self._plan.canonical[i]
