@@ -1,4 +1,4 @@
-"""Comparing while copying (ConcurrentGrouping).
+"""Comparing while copying (ConcurrentGrouping) and early write-back (sync_file_range).
 
 The writer asks the grouping, source by source, whether a blob is the first of its content; the
 grouping compares in a second thread. These tests show that the answers are those of the serial
@@ -15,6 +15,7 @@ import threading
 import numpy as np
 import pytest
 
+import milsurgery.blobfile as blobfile
 import milsurgery.coalesce as coalesce
 from milsurgery import merge
 from milsurgery.blobfile import BlobFile, BlobWriter
@@ -143,4 +144,43 @@ def test_merge_output_is_the_same_whatever_the_thread_timing(tmp_path, monkeypat
     for rel in ("Data/com.apple.CoreML/model.mlmodel", "Data/com.apple.CoreML/weights/weight.bin"):
         with open(tmp_path / "fast.mlpackage" / rel, "rb") as f1, open(tmp_path / "slow.mlpackage" / rel, "rb") as f2:
             assert f1.read() == f2.read(), rel
+
+
+@pytest.mark.skipif(blobfile._sync_file_range is None, reason="sync_file_range is Linux-only")
+@pytest.mark.parametrize("sync", [True, False])
+def test_copy_starts_writeback_in_steps(tmp_path, monkeypatch, sync):
+    """With fsync ahead, write-back of copied bytes starts every WRITEBACK_STEP bytes, over
+    consecutive ranges of the output; without it, never. The bytes are copied either way."""
+    step = 1 << 20
+    monkeypatch.setattr(blobfile, "WRITEBACK_STEP", step)
+    calls: list[tuple[int, int, int]] = []
+    real = blobfile._sync_file_range
+
+    def spy(fd, offset, nbytes, flags):
+        calls.append((offset, nbytes, flags))
+        return real(fd, offset, nbytes, flags)
+
+    monkeypatch.setattr(blobfile, "_sync_file_range", spy)
+    payload = RNG.integers(0, 255, 3 * step + 5, dtype=np.uint8)
+    src = tmp_path / "src.bin"
+    with BlobWriter(src, sync=False) as w:
+        off = w.add_array("uint8", payload)
+    assert not calls  # add_array writes directly; only copies start write-back
+    dst = tmp_path / "dst.bin"
+    with BlobFile(src) as bf, BlobWriter(dst, sync=sync) as w:
+        new = w.copy_from(bf, bf.blobs[off])
+        new2 = w.copy_from(bf, bf.blobs[off])
+    with BlobFile(dst) as out:
+        assert out.view(out.blobs[new]).tobytes() == payload.tobytes()
+        assert out.view(out.blobs[new2]).tobytes() == payload.tobytes()
+        size = out.file_size
+    if not sync:
+        assert calls == []
+        return
+    assert len(calls) >= 5
+    assert calls[0][0] == 0
+    for (o1, n1, _), (o2, _, _) in zip(calls, calls[1:]):
+        assert o2 == o1 + n1  # consecutive ranges, nothing skipped
+    assert all(n >= step and flags == blobfile._SYNC_FILE_RANGE_WRITE for _, n, flags in calls)
+    assert calls[-1][0] + calls[-1][1] <= size
 
