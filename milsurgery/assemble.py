@@ -211,9 +211,12 @@ def write_package(
     single: bool = False,
     spec_version: int | None = None,
     force: bool = False,
+    sync: bool = True,
     progress: Progress | None = None,
 ) -> WriteReport:
-    """Write a new package holding ``picks`` to ``dest`` atomically; see the module docstring."""
+    """Write a new package holding ``picks`` to ``dest`` atomically; see the module docstring.
+
+    ``sync=False`` skips flushing the output to disk (see :class:`StagedPackage`)."""
     start = time.perf_counter()
     warnings: list[str] = []
     model, pairs = build_model(picks, default=default, single=single, spec_version=spec_version, warnings=warnings)
@@ -232,12 +235,12 @@ def write_package(
     stats = Stats()
     total = sum(s.blob.size for s in {s.key: s for s in sources}.values())
     canonical: list[int] = []
-    with StagedPackage(dest, force=force) as staged:
+    with StagedPackage(dest, force=force, sync=sync) as staged:
         offsets: dict[int, int] = {}
         copied = done = 0
         # Identical blobs are found while the first of each are being copied: the grouping's
         # comparisons and the copies overlap.
-        with ConcurrentGrouping(sources, stats) as grouping, BlobWriter(staged.weight_path(WEIGHT_FILE_NAME)) as writer:
+        with ConcurrentGrouping(sources, stats) as grouping, BlobWriter(staged.weight_path(WEIGHT_FILE_NAME), sync=sync) as writer:
             seen: set[tuple[int, int]] = set()
             for i, src in enumerate(sources):
                 canonical.append(grouping.canonical_of(i))

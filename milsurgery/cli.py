@@ -92,7 +92,7 @@ def cmd_merge(args) -> int:
 
     bar = ProgressBar(not args.quiet)
     try:
-        report = merge(args.sources, args.output, default=args.default, force=args.force, verify=args.verify, progress=bar)
+        report = merge(args.sources, args.output, default=args.default, force=args.force, sync=not args.no_sync, verify=args.verify, progress=bar)
     finally:
         bar.finish()
     _print_report(report, args.quiet, args.json)
@@ -114,7 +114,7 @@ def cmd_shrink(args) -> int:
 
     if args.output is None and not args.in_place:
         raise UsageError("shrink needs -o OUT or --in-place")
-    return _run_writer(args, lambda bar: shrink(args.package, args.output, in_place=args.in_place, force=args.force, progress=bar))
+    return _run_writer(args, lambda bar: shrink(args.package, args.output, in_place=args.in_place, force=args.force, sync=not args.no_sync, progress=bar))
 
 
 def cmd_extract(args) -> int:
@@ -124,7 +124,7 @@ def cmd_extract(args) -> int:
         args,
         lambda bar: extract(
             args.package, args.functions, args.output, single=args.single, default=args.default,
-            force=args.force, progress=bar,
+            force=args.force, sync=not args.no_sync, progress=bar,
         ),
     )
 
@@ -133,14 +133,17 @@ def cmd_remove(args) -> int:
     from .surgery import remove
 
     return _run_writer(
-        args, lambda bar: remove(args.package, args.functions, args.output, default=args.default, force=args.force, progress=bar)
+        args, lambda bar: remove(
+            args.package, args.functions, args.output, default=args.default, force=args.force, sync=not args.no_sync,
+            progress=bar,
+        )
     )
 
 
 def cmd_rename(args) -> int:
     from .surgery import rename
 
-    return _run_writer(args, lambda bar: rename(args.package, args.mapping, args.output, force=args.force, progress=bar))
+    return _run_writer(args, lambda bar: rename(args.package, args.mapping, args.output, force=args.force, sync=not args.no_sync, progress=bar))
 
 
 def cmd_append(args) -> int:
@@ -164,10 +167,17 @@ def cmd_verify(args) -> int:
     return 0 if report.equivalent else 1
 
 
+_NO_SYNC_HELP = (
+    "do not flush OUT to disk (fsync) before it appears: faster; other programs still see OUT "
+    "appear whole, but a power loss or system crash soon after may leave it incomplete"
+)
+
+
 def _add_output_options(p, *, output=True) -> None:
     if output:
         p.add_argument("-o", "--output", required=True, metavar="OUT.mlpackage")
         p.add_argument("--force", action="store_true", help="replace OUT if it exists")
+        p.add_argument("--no-sync", action="store_true", help=_NO_SYNC_HELP)
     p.add_argument("--quiet", action="store_true", help="no progress bar, no summary")
     p.add_argument("--json", action="store_true", help="print the report as JSON")
 
@@ -201,6 +211,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-o", "--output", metavar="OUT.mlpackage")
     p.add_argument("--in-place", action="store_true", help="replace PKG atomically instead of writing OUT")
     p.add_argument("--force", action="store_true", help="replace OUT if it exists")
+    p.add_argument("--no-sync", action="store_true", help=_NO_SYNC_HELP + " (not with --in-place)")
     _add_output_options(p, output=False)
     p.set_defaults(func=cmd_shrink)
 

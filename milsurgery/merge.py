@@ -71,6 +71,7 @@ def merge(
     *,
     default: str | None = None,
     force: bool = False,
+    sync: bool = True,
     verify: bool = False,
     progress: Progress | None = None,
 ) -> WriteReport:
@@ -80,12 +81,14 @@ def merge(
     bytes); unreferenced blobs are dropped. Sources are read, never modified; ``out`` appears
     complete or not at all. With ``verify``, the output is checked against its sources (graphs
     equal except blob offsets, referenced bytes equal) before returning; a difference raises
-    :class:`milsurgery.errors.VerificationFailed` and the output is removed.
+    :class:`milsurgery.errors.VerificationFailed` and the output is removed. ``sync=False`` skips
+    flushing the output to disk: it still appears whole to other programs, but a power loss or
+    system crash soon after may leave it incomplete.
     """
     opened: dict[str, Package] = {}
     try:
         picks = resolve_sources(sources, opened)
-        report = write_package(out, picks, default=default, force=force, progress=progress)
+        report = write_package(out, picks, default=default, force=force, sync=sync, progress=progress)
         if verify:
             from .verify import verify_or_remove
 

@@ -368,12 +368,16 @@ class StagedPackage:
     :meth:`commit`, removed by :meth:`abort` (or on an exception inside a ``with`` block).
 
     ``dest`` must not exist unless ``force`` is true; with ``force`` an existing package is
-    replaced only after the new one is complete.
+    replaced only after the new one is complete. With ``sync`` (the default) every file and
+    directory is flushed to disk (fsync) before the rename, so the package survives a power loss
+    once it has appeared; without it, other programs still see it appear whole, but a crash of the
+    system soon after may leave it incomplete on disk.
     """
 
-    def __init__(self, dest: str | os.PathLike, *, force: bool = False):
+    def __init__(self, dest: str | os.PathLike, *, force: bool = False, sync: bool = True):
         self.dest = os.path.abspath(os.fspath(dest))
         self.force = force
+        self.sync = sync
         parent = os.path.dirname(self.dest)
         if os.path.lexists(self.dest) and not force:
             raise DestinationExistsError(f"{self.dest}: already exists (use --force to replace it)")
@@ -411,13 +415,16 @@ class StagedPackage:
             with open(self.spec_path, "wb") as f:
                 f.write(model.SerializeToString())
                 f.flush()
-                os.fsync(f.fileno())
+                if self.sync:
+                    os.fsync(f.fileno())
             with open(os.path.join(self.tmp, MANIFEST_NAME), "w", encoding="utf-8") as f:
                 json.dump(manifest or manifest_for(), f, indent=4, sort_keys=True)
                 f.flush()
-                os.fsync(f.fileno())
+                if self.sync:
+                    os.fsync(f.fileno())
             for d in (self.weights_dir, self.data_dir, os.path.join(self.tmp, DATA_DIR), self.tmp):
-                _fsync_dir(d)
+                if self.sync:
+                    _fsync_dir(d)
         except OSError as exc:
             self.abort()
             raise WriteError(f"{self.dest}: writing the package failed: {exc.strerror}") from None
@@ -449,7 +456,8 @@ class StagedPackage:
             raise
         if old_dir is not None:
             shutil.rmtree(old_dir, ignore_errors=True)
-        _fsync_dir(os.path.dirname(self.dest))
+        if self.sync:
+            _fsync_dir(os.path.dirname(self.dest))
         self.done = True
 
     def abort(self) -> None:

@@ -36,11 +36,13 @@ def _is_single(pkg: Package) -> bool:
     return not pkg.model.description.functions
 
 
-def _write_same_shape(pkg: Package, picks: list[Pick], out, default, force, progress) -> WriteReport:
+def _write_same_shape(pkg: Package, picks: list[Pick], out, default, force, progress, sync=True) -> WriteReport:
     """Write ``picks`` keeping the source's form: single-function stays single, same version."""
     single = _is_single(pkg) and len(picks) == 1 and picks[0].new_name == MAIN_FUNCTION
     version = pkg.model.specificationVersion if single else max(pkg.model.specificationVersion, MULTIFUNCTION_SPEC_VERSION)
-    return write_package(out, picks, default=default, single=single, spec_version=version, force=force, progress=progress)
+    return write_package(
+        out, picks, default=default, single=single, spec_version=version, force=force, sync=sync, progress=progress
+    )
 
 
 def shrink(
@@ -49,19 +51,23 @@ def shrink(
     *,
     in_place: bool = False,
     force: bool = False,
+    sync: bool = True,
     progress: Progress | None = None,
 ) -> WriteReport:
     """Coalesce identical blobs and drop unreferenced ones; write ``out`` or replace ``package``.
 
     The spec is otherwise unchanged (same functions, names, spec version). The report's
-    ``bytes_written`` against the source weight.bin size gives the bytes recovered.
+    ``bytes_written`` against the source weight.bin size gives the bytes recovered. ``sync=False``
+    (new output only) skips flushing the output to disk.
     """
     if (out is None) == (not in_place):
         raise UsageError("shrink needs exactly one of an output path (-o) or --in-place")
+    if in_place and not sync:
+        raise UsageError("--no-sync applies to a new output, not to --in-place: an in-place edit is always flushed")
     with Package(package) as pkg:
         picks = [Pick(pkg, f, f) for f in pkg.functions]
         if not in_place:
-            return _write_same_shape(pkg, picks, out, pkg.default_function, force, progress)
+            return _write_same_shape(pkg, picks, out, pkg.default_function, force, progress, sync)
         parent, name = os.path.split(pkg.path)
         staged = os.path.join(parent, f".{name}{PARTIAL_MARKER}{os.getpid()}-inplace")
         shutil.rmtree(staged, ignore_errors=True)
@@ -82,6 +88,7 @@ def extract(
     single: bool = False,
     default: str | None = None,
     force: bool = False,
+    sync: bool = True,
     progress: Progress | None = None,
 ) -> WriteReport:
     """A package with only ``functions`` (``FUNC`` or ``FUNC=NEW`` each) and the blobs they use.
@@ -96,14 +103,14 @@ def extract(
             [SourceSpec(pkg.path, *_split_rename(f)) for f in functions], {os.path.realpath(pkg.path): pkg}
         )
         if single:
-            return write_package(out, picks, single=True, force=force, progress=progress)
+            return write_package(out, picks, single=True, force=force, sync=sync, progress=progress)
         names = [p.new_name for p in picks]
         if default is None:
             src_default = next((p.new_name for p in picks if p.name == pkg.default_function), None)
             default = src_default or names[0]
         return write_package(
             out, picks, default=default, spec_version=max(pkg.model.specificationVersion, MULTIFUNCTION_SPEC_VERSION),
-            force=force, progress=progress,
+            force=force, sync=sync, progress=progress,
         )
 
 
@@ -136,6 +143,7 @@ def remove(
     *,
     default: str | None = None,
     force: bool = False,
+    sync: bool = True,
     progress: Progress | None = None,
 ) -> WriteReport:
     """A package without ``functions``; blobs only they referenced are dropped.
@@ -158,7 +166,7 @@ def remove(
             default = pkg.default_function
         picks = [Pick(pkg, f, f) for f in keep]
         version = max(pkg.model.specificationVersion, MULTIFUNCTION_SPEC_VERSION)
-        return write_package(out, picks, default=default, spec_version=version, force=force, progress=progress)
+        return write_package(out, picks, default=default, spec_version=version, force=force, sync=sync, progress=progress)
 
 
 def rename(
@@ -167,6 +175,7 @@ def rename(
     out: str | os.PathLike,
     *,
     force: bool = False,
+    sync: bool = True,
     progress: Progress | None = None,
 ) -> WriteReport:
     """A package with functions renamed (``OLD=NEW``); ``defaultFunctionName`` follows."""
@@ -178,7 +187,7 @@ def rename(
         picks = [Pick(pkg, f, mapping.get(f, f)) for f in pkg.functions]
         default = mapping.get(pkg.default_function, pkg.default_function)
         version = max(pkg.model.specificationVersion, MULTIFUNCTION_SPEC_VERSION)
-        return write_package(out, picks, default=default, spec_version=version, force=force, progress=progress)
+        return write_package(out, picks, default=default, spec_version=version, force=force, sync=sync, progress=progress)
 
 
 def append(
