@@ -4,16 +4,19 @@ Builds LLM-like pairs with coremltools (the same weights converted at sequence l
 "infer", and 64, "prefill"), then for each size times, each in its own process:
 
 * ``save_multifunction``: coremltools' reference merge of the two packages;
-* ``milsurgery``: ``python -m milsurgery merge A:main=infer B:main=prefill -o OUT --quiet``;
-* ``cp``: ``cp`` of milsurgery's output weight.bin, and ``cp + sync``: the same followed by an
-  fsync of the copy. milsurgery fsyncs its output before renaming it into place, so ``cp + sync``
-  is the like-for-like limit of the disk; plain ``cp`` only fills the page cache.
+* ``milsurgery``: ``python -m milsurgery merge A:main=infer B:main=prefill -o OUT --quiet``, which
+  fsyncs its output before renaming it into place;
+* ``milsurgery --no-sync``: the same without the fsync;
+* ``cp``: ``cp`` of a copy of milsurgery's output weight.bin, and ``cp + sync``: the same followed
+  by an fsync of the copy. ``cp + sync`` is the like-for-like limit of the disk for ``milsurgery``;
+  plain ``cp`` only fills the page cache, like ``--no-sync``.
 
-Every input is read once before timing, so every tool runs with a warm page cache; before each
-timed run dirty pages are flushed (``os.sync``) so earlier writes are not charged to it. Each
-tool runs ``--repeat`` times (median wall time reported). Wall time, the peak RSS of each process
-(VmHWM) and the output weight.bin size are printed with the ratios, and written as JSON with
-``--json``. Run from the repository root::
+Every input is read again before each timed run, so every tool runs with a warm page cache, and
+dirty pages are flushed first (``os.sync``) so earlier writes are not charged to it. The tools run
+in ``--repeat`` rounds, each round running every tool once in a shuffled order, so a drift of the
+machine spreads over all of them; the median wall time is reported with every run's. Wall time,
+the peak RSS of each process (VmHWM) and the output weight.bin size are printed with the ratios,
+and written as JSON with ``--json``. Run from the repository root::
 
     python bench/merge_bench.py                      # one pair, ~1 GiB per package
     python bench/merge_bench.py --sizes 256,1024     # peak RSS at two sizes: flat memory
@@ -28,6 +31,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import random
 import shutil
 import subprocess
 import sys
@@ -48,6 +52,10 @@ desc.add_function(b, "main", "prefill")
 desc.default_function_name = "infer"
 ct.utils.save_multifunction(desc, out)
 """
+
+
+#: Tools in the order they are reported.
+TOOLS = ("save_multifunction", "milsurgery", "milsurgery --no-sync", "cp", "cp+sync")
 
 
 def layers_for(size_mib: int) -> tuple[int, int, int]:
@@ -148,21 +156,37 @@ def settle() -> None:
     time.sleep(0.5)
 
 
-def timed_runs(cmd: list[str], repeat: int, before=None) -> dict:
-    """``timed(cmd)`` ``repeat`` times (``before()`` ahead of each run): median wall time and
-    the largest peak RSS, plus every run's wall time."""
-    runs = []
+def run_interleaved(tools: dict[str, tuple[list[str], object]], repeat: int, seed: int = 0) -> dict[str, dict]:
+    """Run each tool ``repeat`` times, in rounds: every round runs each tool once, in a shuffled
+    order, so a drift of the machine (other load, write-back, the host's cache) spreads over all
+    tools instead of landing on whichever ran last. ``tools`` maps a name to (command, a function
+    called before each run, the file whose size is the tool's output). Median wall time, every
+    run's wall time, the largest peak RSS and the output's size (the same in every run)."""
+    runs: dict[str, list[dict]] = {name: [] for name in tools}
+    rng = random.Random(seed)
     for _ in range(repeat):
-        if before:
-            before()
-        settle()
-        runs.append(timed(cmd))
-    walls = sorted(r["seconds"] for r in runs)
-    return {
-        "seconds": walls[len(walls) // 2],
-        "runs_seconds": [r["seconds"] for r in runs],
-        "peak_rss_mib": max(r["peak_rss_mib"] for r in runs),
-    }
+        order = list(tools)
+        rng.shuffle(order)
+        for name in order:
+            cmd, before, output = tools[name]
+            if before:
+                before()
+            settle()
+            run = timed(cmd)
+            run["output_bytes"] = os.path.getsize(output)
+            runs[name].append(run)
+    result = {}
+    for name, rs in runs.items():
+        walls = sorted(r["seconds"] for r in rs)
+        result[name] = {
+            "seconds": walls[len(walls) // 2],
+            "runs_seconds": [r["seconds"] for r in rs],
+            "peak_rss_mib": max(r["peak_rss_mib"] for r in rs),
+            "output_bytes": sorted({r["output_bytes"] for r in rs}),
+        }
+        if len(result[name]["output_bytes"]) == 1:
+            result[name]["output_bytes"] = result[name]["output_bytes"][0]
+    return result
 
 
 def run_size(workdir: str, size_mib: int, reference: bool, repeat: int) -> dict:
@@ -171,68 +195,84 @@ def run_size(workdir: str, size_mib: int, reference: bool, repeat: int) -> dict:
     warm(b)
     result = {"size_mib": size_mib, "repeat": repeat,
               "inputs_bytes": os.path.getsize(weight_bin(a)) + os.path.getsize(weight_bin(b))}
-    ours = os.path.join(workdir, "out-milsurgery.mlpackage")
-    result["milsurgery"] = timed_runs(
-        [sys.executable, "-m", "milsurgery", "merge", f"{a}:main=infer", f"{b}:main=prefill", "-o", ours, "--quiet"],
-        repeat, before=lambda: shutil.rmtree(ours, ignore_errors=True),
-    )
-    result["milsurgery"]["output_bytes"] = os.path.getsize(weight_bin(ours))
+    outs = {
+        "milsurgery": os.path.join(workdir, "out-milsurgery.mlpackage"),
+        "milsurgery --no-sync": os.path.join(workdir, "out-milsurgery-nosync.mlpackage"),
+        "save_multifunction": os.path.join(workdir, "out-save_multifunction.mlpackage"),
+    }
+    # cp copies milsurgery's output weight.bin: make one to copy first.
+    merge_cmd = [sys.executable, "-m", "milsurgery", "merge", f"{a}:main=infer", f"{b}:main=prefill", "--quiet", "-o"]
+    shutil.rmtree(outs["milsurgery"], ignore_errors=True)
+    subprocess.run(merge_cmd + [outs["milsurgery"]], check=True)
+    model_copy = os.path.join(workdir, "cp-source-weight.bin")
+    shutil.copyfile(weight_bin(outs["milsurgery"]), model_copy)
+    shutil.rmtree(outs["milsurgery"])
     copy = os.path.join(workdir, "cp-weight.bin")
 
-    def fresh_copy() -> None:
+    def clean() -> None:
+        """Remove every tool's output (and warm the inputs again) before the next run."""
+        for out in outs.values():
+            shutil.rmtree(out, ignore_errors=True)
         if os.path.exists(copy):
             os.remove(copy)
+        warm(a)
+        warm(b)
+        warm(model_copy)
 
-    # cp leaves the bytes in the page cache; milsurgery fsyncs its output before renaming it into
-    # place, so "cp + sync" (coreutils sync FILE, an fsync) is the like-for-like disk limit.
-    result["cp"] = timed_runs(["cp", weight_bin(ours), copy], repeat, before=fresh_copy)
-    result["cp"]["output_bytes"] = os.path.getsize(copy)
-    result["cp+sync"] = timed_runs(["sh", "-c", 'cp "$0" "$1" && sync "$1"', weight_bin(ours), copy], repeat,
-                                   before=fresh_copy)
-    result["cp+sync"]["output_bytes"] = os.path.getsize(copy)
-    fresh_copy()
+    tools = {
+        "milsurgery": (merge_cmd + [outs["milsurgery"]], clean, weight_bin(outs["milsurgery"])),
+        "milsurgery --no-sync": (
+            merge_cmd + [outs["milsurgery --no-sync"], "--no-sync"], clean, weight_bin(outs["milsurgery --no-sync"])
+        ),
+        # cp leaves the bytes in the page cache, like --no-sync; milsurgery by default fsyncs its
+        # output before renaming it into place, like "cp + sync" (coreutils sync FILE, an fsync).
+        "cp": (["cp", model_copy, copy], clean, copy),
+        "cp+sync": (["sh", "-c", 'cp "$0" "$1" && sync "$1"', model_copy, copy], clean, copy),
+    }
     if reference:
-        theirs = os.path.join(workdir, "out-save_multifunction.mlpackage")
-        result["save_multifunction"] = timed_runs(
-            [sys.executable, "-c", REFERENCE, a, b, theirs], repeat,
-            before=lambda: shutil.rmtree(theirs, ignore_errors=True),
+        tools["save_multifunction"] = (
+            [sys.executable, "-c", REFERENCE, a, b, outs["save_multifunction"]], clean, weight_bin(outs["save_multifunction"])
         )
-        result["save_multifunction"]["output_bytes"] = os.path.getsize(weight_bin(theirs))
-        shutil.rmtree(theirs)
-        result["speedup_vs_save_multifunction"] = round(
-            result["save_multifunction"]["seconds"] / result["milsurgery"]["seconds"], 1
-        )
+    result.update(run_interleaved(tools, repeat, seed=size_mib))
+    ours, fast = result["milsurgery"]["seconds"], result["milsurgery --no-sync"]["seconds"]
+    if reference:
+        result["speedup_vs_save_multifunction"] = round(result["save_multifunction"]["seconds"] / ours, 1)
         result["rss_ratio_vs_save_multifunction"] = round(
             result["save_multifunction"]["peak_rss_mib"] / result["milsurgery"]["peak_rss_mib"], 1
         )
-    result["time_vs_cp"] = round(result["milsurgery"]["seconds"] / result["cp"]["seconds"], 2)
-    result["time_vs_cp_sync"] = round(result["milsurgery"]["seconds"] / result["cp+sync"]["seconds"], 2)
-    shutil.rmtree(ours)
+    result["time_vs_cp_sync"] = round(ours / result["cp+sync"]["seconds"], 2)
+    result["time_vs_cp"] = round(ours / result["cp"]["seconds"], 2)
+    result["no_sync_time_vs_cp"] = round(fast / result["cp"]["seconds"], 2)
+    clean()
+    os.remove(model_copy)
     return result
 
 
 def render(results: list[dict]) -> str:
     lines = [
-        "| pair (MiB each) | tool | wall s | peak RSS MiB | output weight.bin bytes |",
-        "|---|---|---|---|---|",
+        "| pair (MiB each) | tool | wall s (median) | runs s | peak RSS MiB | output weight.bin bytes |",
+        "|---|---|---|---|---|---|",
     ]
     for r in results:
-        for tool in ("save_multifunction", "milsurgery", "cp", "cp+sync"):
+        for tool in TOOLS:
             if tool in r:
                 t = r[tool]
-                lines.append(f"| {r['size_mib']} | {tool} | {t['seconds']:.2f} | {t['peak_rss_mib']:.0f} | {t['output_bytes']} |")
+                runs = " ".join(f"{x:.2f}" for x in t["runs_seconds"])
+                lines.append(
+                    f"| {r['size_mib']} | {tool} | {t['seconds']:.2f} | {runs} | {t['peak_rss_mib']:.0f} | {t['output_bytes']} |"
+                )
     lines.append("")
     for r in results:
         parts = [
             f"{r['size_mib']} MiB: milsurgery takes {r['time_vs_cp_sync']}x the time of cp+sync "
-            f"({r['time_vs_cp']}x that of cp)"
+            f"({r['time_vs_cp']}x that of cp); with --no-sync {r['no_sync_time_vs_cp']}x that of cp"
         ]
         if "speedup_vs_save_multifunction" in r:
             parts.append(
-                f"is {r['speedup_vs_save_multifunction']}x faster than save_multifunction "
+                f"it is {r['speedup_vs_save_multifunction']}x faster than save_multifunction "
                 f"with {r['rss_ratio_vs_save_multifunction']}x less peak RSS"
             )
-        lines.append(", ".join(parts))
+        lines.append("; ".join(parts))
     return "\n".join(lines)
 
 
