@@ -441,12 +441,13 @@ class BlobWriter:
         copy goes on and the final fsync has little left to wait for.
         """
         record, data_offset = self._reserve(blob.dtype, blob.size, blob.padding_bits if blob.dtype.sub_byte else 0)
-        step = WRITEBACK_STEP if (self.sync and _sync_file_range is not None) else blob.size
+        writeback = self.sync and _sync_file_range is not None
+        step = WRITEBACK_STEP if writeback else blob.size
         try:
             for start in range(0, blob.size, step):
                 n = min(step, blob.size - start)
                 _copy_range(source.fileno(), blob.data_offset + start, self._fd, data_offset + start, n)
-                if step != blob.size:
+                if writeback:
                     self._start_writeback(data_offset + start + n)
         except OSError as exc:
             raise WriteError(
