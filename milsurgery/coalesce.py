@@ -15,7 +15,7 @@ import ctypes
 import mmap
 import os
 import threading
-from collections.abc import Callable, Hashable, Sequence
+from collections.abc import Hashable, Sequence
 from dataclasses import dataclass
 
 import xxhash
@@ -174,13 +174,12 @@ class _Plan:
     record of the same file seen again) points at its first occurrence, whose own canonical may
     still be pending. ``candidate_sets`` are the groups left to compare, each sorted, ordered by
     their first undecided member (the second), so a writer going through the sources in order
-    waits as little as possible. ``settled`` lists the sources the cheap pass decided.
+    waits as little as possible.
     """
 
     canonical: list[int]
     candidate_sets: list[list[int]]
     pending: dict[int, int]  # undecided source -> index of its candidate set
-    settled: list[int]
 
 
 def _plan(sources: Sequence[BlobSource], stats: Stats | None) -> _Plan:
@@ -194,25 +193,18 @@ def _plan(sources: Sequence[BlobSource], stats: Stats | None) -> _Plan:
             continue
         by_shape.setdefault(src.shape_key, []).append(i)
     candidate_sets: list[list[int]] = []
-    settled: list[int] = []
     for members in by_shape.values():
-        if len(members) < 2:
-            settled.extend(members)
-        elif len(members) == 2:
+        if len(members) == 2:
             candidate_sets.append(members)
-        else:
+        elif len(members) > 2:
             # Many blobs of one size (the layers of a model): a sample digest splits them cheaply.
             by_sample: dict[bytes, list[int]] = {}
             for i in members:
                 by_sample.setdefault(sample_digest(sources[i], stats), []).append(i)
-            for same_sample in by_sample.values():
-                if len(same_sample) > 1:
-                    candidate_sets.append(same_sample)
-                else:
-                    settled.extend(same_sample)
+            candidate_sets.extend(same for same in by_sample.values() if len(same) > 1)
     candidate_sets.sort(key=lambda members: members[1])
     pending = {i: k for k, members in enumerate(candidate_sets) for i in members[1:]}
-    return _Plan(canonical, candidate_sets, pending, settled)
+    return _Plan(canonical, candidate_sets, pending)
 
 
 def _resolve(sources: Sequence[BlobSource], members: list[int], canonical: list[int], stats: Stats | None) -> None:
@@ -238,31 +230,17 @@ def _resolve(sources: Sequence[BlobSource], members: list[int], canonical: list[
                 reps.append(i)
 
 
-def group_identical(
-    sources: Sequence[BlobSource],
-    stats: Stats | None = None,
-    on_progress: Callable[[int], None] | None = None,
-) -> list[int]:
+def group_identical(sources: Sequence[BlobSource], stats: Stats | None = None) -> list[int]:
     """For each source, the index of the first source with identical content (itself if none).
 
     Only blobs whose (dtype, size, padding) collide are looked at. Three or more such blobs are
     first split by a sample digest (a few KiB of each); then any two candidates left are compared
     byte by byte, and three or more are hashed in full, equal hashes confirmed by comparing
-    bytes. ``on_progress`` is called with the bytes processed so far.
+    bytes. :class:`ConcurrentGrouping` does the same while a writer copies.
     """
     plan = _plan(sources, stats)
-    done = 0
-
-    def advance(members: list[int]) -> None:
-        nonlocal done
-        done += sum(sources[i].blob.size for i in members)
-        if on_progress:
-            on_progress(done)
-
-    advance(plan.settled)
     for members in plan.candidate_sets:
         _resolve(sources, members, plan.canonical, stats)
-        advance(members)
     canonical = plan.canonical
     # Point duplicates of a physical blob at the canonical of its first occurrence.
     for i, c in enumerate(canonical):
@@ -327,6 +305,6 @@ class ConcurrentGrouping:
             with self._cond:
                 while self._resolved <= k and self._error is None:
                     self._cond.wait()
-        if self._error is not None and (k is not None and self._resolved <= k):
-            raise self._error
+                if self._resolved <= k:  # the worker failed before deciding this source
+                    raise self._error
         return self._plan.canonical[i]
