@@ -213,10 +213,13 @@ def write_package(
     force: bool = False,
     sync: bool = True,
     progress: Progress | None = None,
+    check: Callable[[str], None] | None = None,
 ) -> WriteReport:
     """Write a new package holding ``picks`` to ``dest`` atomically; see the module docstring.
 
-    ``sync=False`` skips flushing the output to disk (see :class:`StagedPackage`)."""
+    ``sync=False`` skips flushing the output to disk (see :class:`StagedPackage`). ``check`` is
+    called with the staged package's directory before it is moved into place; an exception from
+    it leaves ``dest`` as it was (see :meth:`StagedPackage.commit`)."""
     start = time.perf_counter()
     warnings: list[str] = []
     model, pairs = build_model(picks, default=default, single=single, spec_version=spec_version, warnings=warnings)
@@ -255,7 +258,7 @@ def write_package(
         for (ref, _), c in zip(pairs, canonical):
             ref.value.blobFileValue.fileName = DEFAULT_WEIGHT_REF
             ref.value.blobFileValue.offset = offsets[c]
-        staged.commit(model)
+        staged.commit(model, check=check)
     first_index: dict[tuple[int, int], int] = {}
     for i, src in enumerate(sources):
         first_index.setdefault(src.key, i)

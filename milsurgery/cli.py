@@ -202,7 +202,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("merge", help="merge functions of several packages into one multi-function package")
     p.add_argument("sources", nargs="+", metavar="SRC[:FUNC[=NEW]]")
     p.add_argument("--default", metavar="NAME", help="default function (otherwise the first)")
-    p.add_argument("--verify", action="store_true", help="check the output against its sources before reporting success")
+    p.add_argument("--verify", action="store_true", help="check the written package against its sources before moving it into place (on a difference: exit 1, nothing replaced)")
     _add_output_options(p)
     p.set_defaults(func=cmd_merge)
 

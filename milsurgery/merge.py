@@ -79,21 +79,23 @@ def merge(
 
     Every blob referenced by a chosen function is written once per distinct content (dtype and
     bytes); unreferenced blobs are dropped. Sources are read, never modified; ``out`` appears
-    complete or not at all. With ``verify``, the output is checked against its sources (graphs
-    equal except blob offsets, referenced bytes equal) before returning; a difference raises
-    :class:`milsurgery.errors.VerificationFailed` and the output is removed. ``sync=False`` skips
+    complete or not at all. With ``verify``, the written package is checked against its sources
+    (graphs equal except blob offsets, referenced bytes equal) before it is moved into place; a
+    difference raises :class:`milsurgery.verify.VerificationFailed`, nothing appears at ``out``
+    and a package that ``force`` would have replaced is left as it was. ``sync=False`` skips
     flushing the output to disk: it still appears whole to other programs, but a power loss or
     system crash soon after may leave it incomplete.
     """
     opened: dict[str, Package] = {}
     try:
         picks = resolve_sources(sources, opened)
-        report = write_package(out, picks, default=default, force=force, sync=sync, progress=progress)
+        check = None
         if verify:
-            from .verify import verify_or_remove
+            from .verify import verify_staged
 
-            verify_or_remove(report.output, picks)
-        return report
+            dest = os.path.abspath(os.fspath(out))
+            check = lambda staged: verify_staged(staged, dest, picks)  # noqa: E731
+        return write_package(out, picks, default=default, force=force, sync=sync, progress=progress, check=check)
     finally:
         for pkg in opened.values():
             pkg.close()

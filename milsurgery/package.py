@@ -19,6 +19,7 @@ import re
 import shutil
 import tempfile
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from ._proto import milsurgery_spec_pb2 as pb
@@ -409,8 +410,15 @@ class StagedPackage:
         if not self.done:
             self.abort()
 
-    def commit(self, model: pb.Model, manifest: dict | None = None) -> None:
-        """Write spec and manifest, flush everything, and move the package into place."""
+    def commit(
+        self, model: pb.Model, manifest: dict | None = None, check: Callable[[str], None] | None = None
+    ) -> None:
+        """Write spec and manifest, flush everything, and move the package into place.
+
+        ``check``, if given, is called with the staged directory once it holds the complete
+        package, before anything at ``dest`` is touched: an exception from it removes the staged
+        package and propagates, so a replaced destination survives a failed check.
+        """
         try:
             with open(self.spec_path, "wb") as f:
                 f.write(model.SerializeToString())
@@ -428,6 +436,12 @@ class StagedPackage:
         except OSError as exc:
             self.abort()
             raise WriteError(f"{self.dest}: writing the package failed: {exc.strerror}") from None
+        if check is not None:
+            try:
+                check(self.tmp)
+            except BaseException:
+                self.abort()
+                raise
         parent = os.path.dirname(self.dest)
         old_dir = moved = None
         try:

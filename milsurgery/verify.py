@@ -12,19 +12,18 @@ graphs. On a difference it reports the function, the op and what differs.
 from __future__ import annotations
 
 import os
-import shutil
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from ._proto import milsurgery_spec_pb2 as pb
 from .assemble import Pick
 from .coalesce import BlobSource, blobs_equal
-from .errors import MilSurgeryError, UsageError
+from .errors import FormatError, MilSurgeryError, UsageError
 from .merge import SourceSpec, resolve_sources
 from .package import Package, ResolvedRef
 from .spec import iter_blob_refs
 
-__all__ = ["VerificationFailed", "FunctionCheck", "VerifyReport", "verify", "verify_picks", "verify_or_remove"]
+__all__ = ["VerificationFailed", "FunctionCheck", "VerifyReport", "verify", "verify_picks", "verify_staged"]
 
 
 class VerificationFailed(MilSurgeryError):
@@ -208,15 +207,27 @@ def verify(package: str | os.PathLike, against: Sequence[str | os.PathLike | Sou
             p.close()
 
 
-def verify_or_remove(output: str, picks: Sequence[Pick]) -> VerifyReport:
-    """Verify a freshly written output; remove it and raise :class:`VerificationFailed` if it differs."""
+def verify_staged(staged: str, dest: str, picks: Sequence[Pick]) -> VerifyReport:
+    """Verify a package written to the staging directory ``staged`` that is to become ``dest``.
+
+    Raises :class:`VerificationFailed` if it differs from its sources, or the error that opening
+    it raised; messages name ``dest`` rather than the staging directory, which the caller removes.
+    """
+
+    def renamed(text: str) -> str:
+        return text.replace(staged, dest)
+
     try:
-        with Package(output) as pkg:
+        with Package(staged) as pkg:
             report = verify_picks(pkg, picks)
-    except BaseException:  # an output that does not even open is not left behind either
-        shutil.rmtree(output, ignore_errors=True)
-        raise
+    except MilSurgeryError as exc:  # same class, so callers catch what they would have
+        if isinstance(exc, FormatError):
+            exc.path = renamed(exc.path)
+        exc.args = (f"{dest}: the package written does not open, so it was not kept: {renamed(str(exc))}",)
+        raise exc from None
+    report.package = dest
+    for check in report.checks:
+        check.differences = [renamed(d) for d in check.differences]
     if not report.equivalent:
-        shutil.rmtree(output, ignore_errors=True)
         raise VerificationFailed(report)
     return report

@@ -1057,17 +1057,20 @@ def test_regression_verify_duplicate_map_entry(seeds, scratch):
             assert not report.equivalent
 
 
-def test_regression_verify_or_remove_keeps_output_that_does_not_open(seeds, scratch):
-    """verify.verify_or_remove (the verify step of merge(verify=True)) removes an output that
-    differs from its sources, but one that does not even open is left in place: the SpecError /
-    BlobFileError from Package(output) propagates before the removal."""
+def test_regression_verify_staged_output_that_does_not_open(seeds, scratch):
+    """The verify step of merge(verify=True) (now verify.verify_staged, run on the staged package
+    before it is moved into place) once let the error of an output that does not even open
+    escape unexplained and left the output behind. It must raise a clean error naming the
+    destination, with FormatError.path rewritten from the staging directory to it."""
     from milsurgery.assemble import Pick
-    from milsurgery.verify import verify_or_remove
+    from milsurgery.verify import verify_staged
 
     seed = seeds["fp16"]
-    with mutated_package(seed, scratch) as (_, output):
-        _write(os.path.join(output, WEIGHTS), seed.files[WEIGHTS][:100])  # cut inside blob 0
+    with mutated_package(seed, scratch) as (work, staged):
+        _write(os.path.join(staged, WEIGHTS), seed.files[WEIGHTS][:100])  # cut inside blob 0
+        dest = os.path.join(work, OUT_NAME)
         with Package(seed.path) as src:
             picks = [Pick(src, name, name) for name in src.functions]
-            expect_clean_error(lambda: verify_or_remove(output, picks), {PKG_NAME})
-        assert not os.path.lexists(output), "verify_or_remove failed but left the output"
+            exc = expect_clean_error(lambda: verify_staged(staged, dest, picks), {OUT_NAME})
+        assert staged not in str(exc), f"the message names the staging directory: {exc}"
+        assert isinstance(exc, FormatError) and exc.path.startswith(dest)
