@@ -164,6 +164,11 @@ def cmd_verify(args) -> int:
             print(f"{c.function}: {status} to {c.source} ({c.blobs_compared} blobs, {c.bytes_compared} bytes compared)")
             for d in c.differences:
                 print(f"  {d}")
+        for a in report.attributes:
+            if a.equivalent:
+                print(f"program attribute {a.key!r}: equivalent to {a.matched}'s ({a.blobs_compared} blobs, {a.bytes_compared} bytes compared)")
+            else:
+                print(f"program attribute {a.key!r}: DIFFERS\n  {a.difference}")
     return 0 if report.equivalent else 1
 
 

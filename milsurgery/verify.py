@@ -21,9 +21,9 @@ from .coalesce import BlobSource, blobs_equal
 from .errors import FormatError, MilSurgeryError, UsageError
 from .merge import SourceSpec, resolve_sources
 from .package import Package, ResolvedRef
-from .spec import iter_blob_refs
+from .spec import BlobRef, iter_blob_refs, values_in_value
 
-__all__ = ["VerificationFailed", "FunctionCheck", "VerifyReport", "verify", "verify_picks", "verify_staged"]
+__all__ = ["VerificationFailed", "FunctionCheck", "AttributeCheck", "VerifyReport", "verify", "verify_picks", "verify_staged"]
 
 
 class VerificationFailed(MilSurgeryError):
@@ -48,20 +48,47 @@ class FunctionCheck:
 
 
 @dataclass
-class VerifyReport:
-    package: str
-    checks: list[FunctionCheck]
+class AttributeCheck:
+    """A program attribute holding blob references, checked against the sources that have it."""
+
+    key: str
+    sources: list[str]  # packages whose program has an attribute of this key
+    matched: str | None = None  # the first of them whose value it equals, bytes included
+    blobs_compared: int = 0
+    bytes_compared: int = 0
 
     @property
     def equivalent(self) -> bool:
-        return all(c.equivalent for c in self.checks)
+        return self.matched is not None
+
+    @property
+    def difference(self) -> str:
+        return (
+            f"program attribute {self.key!r} equals none of the sources' values "
+            f"(graphs and referenced bytes compared with {', '.join(self.sources)})"
+        )
+
+
+@dataclass
+class VerifyReport:
+    package: str
+    checks: list[FunctionCheck]
+    attributes: list[AttributeCheck] = field(default_factory=list)
+
+    @property
+    def equivalent(self) -> bool:
+        return all(c.equivalent for c in self.checks) and all(a.equivalent for a in self.attributes)
 
     def summary(self) -> str:
         bad = [c for c in self.checks if not c.equivalent]
-        if not bad:
-            return f"{self.package}: {len(self.checks)} functions equivalent to their sources"
-        first = bad[0]
-        return f"{self.package}: function {first.function!r} differs from {first.source}: {first.differences[0]}"
+        if bad:
+            first = bad[0]
+            return f"{self.package}: function {first.function!r} differs from {first.source}: {first.differences[0]}"
+        bad_attrs = [a for a in self.attributes if not a.equivalent]
+        if bad_attrs:
+            return f"{self.package}: {bad_attrs[0].difference}"
+        attrs = f" and {len(self.attributes)} program attributes holding blobs" if self.attributes else ""
+        return f"{self.package}: {len(self.checks)} functions{attrs} equivalent to their sources"
 
     def to_dict(self) -> dict:
         return {
@@ -77,6 +104,17 @@ class VerifyReport:
                     "bytes_compared": c.bytes_compared,
                 }
                 for c in self.checks
+            ],
+            "program_attributes": [
+                {
+                    "key": a.key,
+                    "sources": a.sources,
+                    "equivalent": a.equivalent,
+                    "matched": a.matched,
+                    "blobs_compared": a.blobs_compared,
+                    "bytes_compared": a.bytes_compared,
+                }
+                for a in self.attributes
             ],
         }
 
@@ -181,14 +219,77 @@ def _check(pkg: Package, name: str, pick: Pick) -> FunctionCheck:
     return check
 
 
+def _blanked_value(value: pb.Value) -> bytes:
+    """``value`` serialized with every nested blob reference's file name and offset cleared."""
+    copy = pb.Value()
+    copy.CopyFrom(value)
+    for _, v in values_in_value(copy, ""):
+        if v.WhichOneof("value") == "blobFileValue":
+            v.blobFileValue.fileName = ""
+            v.blobFileValue.offset = 0
+    return copy.SerializeToString(deterministic=True)
+
+
+def _attribute_refs(pkg: Package, key: str, value: pb.Value) -> list[ResolvedRef]:
+    where = f"program.attributes[{key}]"
+    return [
+        pkg.resolve(BlobRef("", "", "", loc, v))
+        for loc, v in values_in_value(value, where)
+        if v.WhichOneof("value") == "blobFileValue"
+    ]
+
+
+def _check_attributes(pkg: Package, sources: Sequence[Package]) -> list[AttributeCheck]:
+    """Check every program attribute of ``pkg`` that holds blob references.
+
+    A merge keeps the first source's value of a key that several sources have, and ``append``
+    keeps the package's own, so an attribute is equivalent when it equals the value of *some*
+    source having that key: same structure with blob references blanked, and the same bytes in
+    every referenced blob. Keys no source has are not checked (nothing to compare with).
+    """
+    checks = []
+    for entry in pkg.model.mlProgram.attributes:
+        refs = _attribute_refs(pkg, entry.key, entry.value)
+        if not refs:
+            continue
+        candidates = [
+            (src, e.value) for src in sources for e in src.model.mlProgram.attributes if e.key == entry.key
+        ]
+        if not candidates:
+            continue
+        check = AttributeCheck(entry.key, sorted({src.path for src, _ in candidates}))
+        shape = _blanked_value(entry.value)
+        for src, value in candidates:
+            if _blanked_value(value) != shape:
+                continue
+            theirs = _attribute_refs(src, entry.key, value)
+            same = True
+            for ra, rb in zip(refs, theirs):
+                check.blobs_compared += 1
+                check.bytes_compared += ra.blob.size
+                if not blobs_equal(BlobSource(ra.file, ra.blob), BlobSource(rb.file, rb.blob)):
+                    same = False
+                    break
+            if same:
+                check.matched = src.path
+                break
+        checks.append(check)
+    return checks
+
+
 def verify_picks(pkg: Package, picks: Sequence[Pick]) -> VerifyReport:
-    """Check each pick's ``new_name`` function of ``pkg`` against its source function."""
+    """Check each pick's ``new_name`` function of ``pkg`` against its source function, and the
+    program attributes of ``pkg`` holding blob references against the picks' sources'."""
     checks = []
     for pick in picks:
         if pick.new_name not in pkg.functions:
             raise UsageError(f"{pkg.path}: no function {pick.new_name!r} to verify (it has {pkg.functions})")
         checks.append(_check(pkg, pick.new_name, pick))
-    return VerifyReport(pkg.path, checks)
+    sources: list[Package] = []
+    for pick in picks:
+        if all(pick.source is not s for s in sources):
+            sources.append(pick.source)
+    return VerifyReport(pkg.path, checks, _check_attributes(pkg, sources))
 
 
 def verify(package: str | os.PathLike, against: Sequence[str | os.PathLike | SourceSpec]) -> VerifyReport:

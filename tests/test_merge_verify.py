@@ -138,3 +138,95 @@ def test_without_verify_the_fault_goes_unnoticed(pair, tmp_path, monkeypatch):
 
     report = verify(out, specs)
     assert not report.equivalent
+
+
+# -- program attributes holding blobs --------------------------------------------------------
+
+SPEC = os.path.join("Data", "com.apple.CoreML", "model.mlmodel")
+LUT = np.arange(16, dtype=np.float16)  # a size no function blob has (8x8 float16 = 128 bytes)
+
+
+def add_attribute_blobs(pkg: str, attrs: dict[str, int]) -> None:
+    """Give ``pkg``'s program attributes referencing its blobs: key -> index in file order."""
+    from milsurgery import BlobFile
+    from milsurgery._proto import milsurgery_spec_pb2 as pb
+
+    path = os.path.join(pkg, SPEC)
+    model = pb.Model.FromString(open(path, "rb").read())
+    with BlobFile(os.path.join(pkg, "Data", "com.apple.CoreML", "weights", "weight.bin")) as bf:
+        blobs = [bf.blobs[o] for o in sorted(bf.blobs)]
+    for key, index in attrs.items():
+        blob = blobs[index]
+        value = model.mlProgram.attributes.add(key=key).value
+        value.CopyFrom(minipkg.blob_value("float16", [blob.element_count], blob.record_offset))
+    with open(path, "wb") as f:
+        f.write(model.SerializeToString())
+
+
+@pytest.fixture
+def attr_pair(tmp_path):
+    """a and b both have attribute "lut" (different bytes: the merge keeps a's); only b has "extra"."""
+    w = np.arange(64, dtype=np.float16).reshape(8, 8)
+    a = minipkg.make(tmp_path / "a.mlpackage", {"main": [("float16", w)]}, extra_blobs=[("float16", LUT)])
+    b = minipkg.make(tmp_path / "b.mlpackage", {"main": [("float16", w + 1)]},
+                     extra_blobs=[("float16", LUT + 1), ("float16", LUT + 2)])
+    add_attribute_blobs(a, {"lut": 1})
+    add_attribute_blobs(b, {"lut": 1, "extra": 2})
+    return [f"{a}:main=infer", f"{b}:main=prefill"], [a, b]
+
+
+def test_verify_checks_program_attribute_blobs(attr_pair, tmp_path):
+    from milsurgery.verify import verify
+
+    specs, (a, b) = attr_pair
+    out = str(tmp_path / "out.mlpackage")
+    merge(specs, out, verify=True)
+    report = verify(out, specs)
+    assert report.equivalent
+    found = {c.key: c for c in report.attributes}
+    assert sorted(found) == ["extra", "lut"]
+    assert found["lut"].matched == a and found["lut"].sources == sorted([a, b])
+    assert found["extra"].matched == b and found["extra"].bytes_compared == LUT.nbytes
+    assert "2 program attributes holding blobs" in report.summary()
+
+
+def test_verify_finds_a_changed_program_attribute_blob(attr_pair, tmp_path, capsys):
+    from milsurgery._proto import milsurgery_spec_pb2 as pb
+    from milsurgery.verify import verify
+
+    specs, _ = attr_pair
+    out = str(tmp_path / "out.mlpackage")
+    merge(specs, out)
+    model = pb.Model.FromString(open(os.path.join(out, SPEC), "rb").read())
+    offset = next(e.value.blobFileValue.offset for e in model.mlProgram.attributes if e.key == "extra")
+    weights = os.path.join(out, "Data", "com.apple.CoreML", "weights", "weight.bin")
+    with open(weights, "r+b") as f:  # last byte of the blob's data
+        f.seek(offset + 64 + LUT.nbytes - 1)
+        byte = f.read(1)[0]
+        f.seek(-1, os.SEEK_CUR)
+        f.write(bytes([byte ^ 0x01]))
+    report = verify(out, specs)
+    assert all(c.equivalent for c in report.checks)  # only the attribute's blob changed
+    bad = [c for c in report.attributes if not c.equivalent]
+    assert [c.key for c in bad] == ["extra"] and not report.equivalent
+    assert report.summary().endswith(bad[0].difference)
+    assert main(["verify", out, "--against", *specs]) == 1
+    assert "program attribute 'extra': DIFFERS" in capsys.readouterr().out
+
+
+def test_merge_verify_catches_a_fault_in_an_attribute_blob(attr_pair, tmp_path, monkeypatch):
+    specs, _ = attr_pair
+    original = BlobWriter.copy_from
+
+    def copy_from(self, source, blob):  # corrupt only the 32-byte attribute blobs
+        record = original(self, source, blob)
+        if blob.size == LUT.nbytes:
+            os.pwrite(self._fd, b"\xff", record + 64)
+        return record
+
+    monkeypatch.setattr(BlobWriter, "copy_from", copy_from)
+    out = str(tmp_path / "out.mlpackage")
+    with pytest.raises(VerificationFailed) as info:
+        merge(specs, out, verify=True)
+    assert "program attribute" in str(info.value)
+    assert not os.path.lexists(out) and leftovers(tmp_path) == []
