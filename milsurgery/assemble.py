@@ -23,7 +23,7 @@ from dataclasses import asdict, dataclass, field
 
 from ._proto import milsurgery_spec_pb2 as pb
 from .blobfile import BlobWriter
-from .coalesce import BlobSource, ConcurrentGrouping, Stats
+from .coalesce import BlobSource, ConcurrentGrouping, Stats, blobs_equal
 from .errors import UsageError
 from .formats import (
     DEFAULT_WEIGHT_REF,
@@ -33,7 +33,7 @@ from .formats import (
     WEIGHT_FILE_NAME,
 )
 from .package import Package, ResolvedRef, StagedPackage
-from .spec import BlobRef, iter_blob_refs, iter_function_values, values_in_value
+from .spec import BlobRef, blanked_value, iter_blob_refs, iter_function_values, values_in_value
 
 __all__ = ["Pick", "WriteReport", "build_model", "write_package", "Progress"]
 
@@ -87,8 +87,11 @@ def _merge_metadata(out: pb.Model, sources: list[Package], warnings: list[str]) 
     for pkg in sources[1:]:
         other = pkg.model.description.metadata
         for name in ("shortDescription", "versionString", "author", "license"):
-            if not getattr(meta, name) and getattr(other, name):
-                setattr(meta, name, getattr(other, name))
+            mine, theirs = getattr(meta, name), getattr(other, name)
+            if not mine and theirs:
+                setattr(meta, name, theirs)
+            elif theirs and theirs != mine:
+                warnings.append(f"metadata {name}: kept {mine!r} from the first source, dropped {theirs!r} from {pkg.path}")
         for e in other.userDefined:
             if e.key not in keys:
                 meta.userDefined.add(key=e.key, value=e.value)
@@ -98,6 +101,14 @@ def _merge_metadata(out: pb.Model, sources: list[Package], warnings: list[str]) 
                     f"metadata userDefined[{e.key!r}]: kept {keys[e.key]!r} from the first source, "
                     f"dropped {e.value!r} from {pkg.path}"
                 )
+
+
+def _same_value(a: Package, va: pb.Value, b: Package, vb: pb.Value, where: str) -> bool:
+    """Whether two Values are equal once each blob reference is replaced by the blob's bytes."""
+    if blanked_value(va) != blanked_value(vb):
+        return False
+    pairs = zip(a.value_refs(va, where), b.value_refs(vb, where))
+    return all(blobs_equal(BlobSource(ra.file, ra.blob), BlobSource(rb.file, rb.blob)) for ra, rb in pairs)
 
 
 def _set_io(target, desc: pb.FunctionDescription) -> None:
@@ -157,18 +168,31 @@ def build_model(
 
     pairs: list[tuple[BlobRef, ResolvedRef]] = []
     # Program attributes: the first source's entries as they are, plus keys only later sources
-    # have. ``attr_sources`` follows the output's entries one to one, so each blob reference in
-    # them is paired with the very Value it was copied from.
+    # have; a later source's different value of a key already kept (blob bytes compared, not
+    # where they are stored) is reported. ``attr_sources`` follows the output's entries one to
+    # one, so each blob reference in them is paired with the very Value it was copied from.
     attr_sources = [(base, e.value) for e in base.model.mlProgram.attributes]
-    prog_keys = {e.key for e in out.mlProgram.attributes}
+    kept: dict[str, tuple[Package, pb.Value]] = {}
+    for e in base.model.mlProgram.attributes:
+        kept.setdefault(e.key, (base, e.value))
     for pkg in sources[1:]:
         for e in pkg.model.mlProgram.attributes:
-            if e.key not in prog_keys:
+            if e.key not in kept:
                 out.mlProgram.attributes.add(key=e.key).value.CopyFrom(e.value)
                 attr_sources.append((pkg, e.value))
-                prog_keys.add(e.key)
-        if not out.mlProgram.docString and pkg.model.mlProgram.docString:
-            out.mlProgram.docString = pkg.model.mlProgram.docString
+                kept[e.key] = (pkg, e.value)
+            else:
+                first, value = kept[e.key]
+                if not _same_value(first, value, pkg, e.value, f"program.attributes[{e.key}]"):
+                    warnings.append(
+                        f"program attribute {e.key!r}: kept the value of {first.path}, dropped the "
+                        f"different value of {pkg.path}"
+                    )
+        doc = pkg.model.mlProgram.docString
+        if not out.mlProgram.docString:
+            out.mlProgram.docString = doc
+        elif doc and doc != out.mlProgram.docString:
+            warnings.append(f"program docString: kept the first source's, dropped the different one of {pkg.path}")
     for entry, (pkg, src_value) in zip(out.mlProgram.attributes, attr_sources):
         where = f"program.attributes[{entry.key}]"
         walked = zip(values_in_value(entry.value, where), values_in_value(src_value, where))

@@ -57,6 +57,7 @@ from .spec import (
     parse_spec,
     program_functions,
     tensor_element_count,
+    values_in_value,
 )
 
 __all__ = ["Package", "ResolvedRef", "StagedPackage", "open_package", "PARTIAL_MARKER"]
@@ -240,6 +241,15 @@ class Package:
     def resolve(self, ref: BlobRef) -> ResolvedRef:
         """The blob a reference into this package's spec points at (checked like at open)."""
         return self._resolve(ref)
+
+    def value_refs(self, value: pb.Value, where: str) -> list[ResolvedRef]:
+        """The blobs referenced from ``value`` (a Value of this package's spec, e.g. a program
+        attribute) and the Values nested in it; ``where`` names it in messages."""
+        return [
+            self._resolve(BlobRef("", "", "", loc, v))
+            for loc, v in values_in_value(value, where)
+            if v.WhichOneof("value") == "blobFileValue"
+        ]
 
     def _resolve(self, ref: BlobRef) -> ResolvedRef:
         bf = self._weight_file(ref)

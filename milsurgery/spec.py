@@ -35,6 +35,7 @@ __all__ = [
     "program_functions",
     "BlobRef",
     "iter_blob_refs",
+    "blanked_value",
     "values_in_value",
     "op_type_histogram",
     "tensor_element_count",
@@ -197,6 +198,18 @@ def values_in_value(value: pb.Value, where: str) -> Iterator[tuple[str, pb.Value
             for i, kv in enumerate(imm.dictionary.values):
                 yield from values_in_value(kv.key, f"{where}.dictionary[{i}].key")
                 yield from values_in_value(kv.value, f"{where}.dictionary[{i}].value")
+
+
+def blanked_value(value: pb.Value) -> bytes:
+    """``value`` serialized with every nested blob reference's file name and offset cleared: two
+    values with equal results differ at most in where their blobs are stored."""
+    copy = pb.Value()
+    copy.CopyFrom(value)
+    for _, v in values_in_value(copy, ""):
+        if v.WhichOneof("value") == "blobFileValue":
+            v.blobFileValue.fileName = ""
+            v.blobFileValue.offset = 0
+    return copy.SerializeToString(deterministic=True)
 
 
 def _values_in_type(vtype: pb.ValueType, where: str) -> Iterator[tuple[str, pb.Value]]:

@@ -21,7 +21,7 @@ from .coalesce import BlobSource, blobs_equal
 from .errors import FormatError, MilSurgeryError, UsageError
 from .merge import SourceSpec, resolve_sources
 from .package import Package, ResolvedRef
-from .spec import BlobRef, iter_blob_refs, values_in_value
+from .spec import blanked_value, iter_blob_refs
 
 __all__ = ["VerificationFailed", "FunctionCheck", "AttributeCheck", "VerifyReport", "verify", "verify_picks", "verify_staged"]
 
@@ -219,26 +219,6 @@ def _check(pkg: Package, name: str, pick: Pick) -> FunctionCheck:
     return check
 
 
-def _blanked_value(value: pb.Value) -> bytes:
-    """``value`` serialized with every nested blob reference's file name and offset cleared."""
-    copy = pb.Value()
-    copy.CopyFrom(value)
-    for _, v in values_in_value(copy, ""):
-        if v.WhichOneof("value") == "blobFileValue":
-            v.blobFileValue.fileName = ""
-            v.blobFileValue.offset = 0
-    return copy.SerializeToString(deterministic=True)
-
-
-def _attribute_refs(pkg: Package, key: str, value: pb.Value) -> list[ResolvedRef]:
-    where = f"program.attributes[{key}]"
-    return [
-        pkg.resolve(BlobRef("", "", "", loc, v))
-        for loc, v in values_in_value(value, where)
-        if v.WhichOneof("value") == "blobFileValue"
-    ]
-
-
 def _check_attributes(pkg: Package, sources: Sequence[Package]) -> list[AttributeCheck]:
     """Check every program attribute of ``pkg`` that holds blob references.
 
@@ -249,7 +229,7 @@ def _check_attributes(pkg: Package, sources: Sequence[Package]) -> list[Attribut
     """
     checks = []
     for entry in pkg.model.mlProgram.attributes:
-        refs = _attribute_refs(pkg, entry.key, entry.value)
+        refs = pkg.value_refs(entry.value, f"program.attributes[{entry.key}]")
         if not refs:
             continue
         candidates = [
@@ -258,11 +238,11 @@ def _check_attributes(pkg: Package, sources: Sequence[Package]) -> list[Attribut
         if not candidates:
             continue
         check = AttributeCheck(entry.key, sorted({src.path for src, _ in candidates}))
-        shape = _blanked_value(entry.value)
+        shape = blanked_value(entry.value)
         for src, value in candidates:
-            if _blanked_value(value) != shape:
+            if blanked_value(value) != shape:
                 continue
-            theirs = _attribute_refs(src, entry.key, value)
+            theirs = src.value_refs(value, f"program.attributes[{entry.key}]")
             same = True
             for ra, rb in zip(refs, theirs):
                 check.blobs_compared += 1

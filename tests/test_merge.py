@@ -147,6 +147,9 @@ def test_metadata_and_build_info_are_kept(tmp_path):
     assert dict(meta.userDefined) | {} == {**dict(ct_spec(b).description.metadata.userDefined), **dict(ct_spec(a).description.metadata.userDefined)}
     assert meta.userDefined["k"] == "first" and meta.userDefined["only_b"] == "2"
     assert any("userDefined['k']" in w and "second" in w for w in report.warnings)
+    assert any(w.startswith("metadata author: kept 'A'") and "'B'" in w and b in w for w in report.warnings)
+    assert not any("license" in w for w in report.warnings)  # only a has one: nothing dropped
+    assert not any("buildInfo" in w for w in report.warnings)  # same converter: same value
     assert ct_spec(out).mlProgram.attributes["buildInfo"] == ct_spec(a).mlProgram.attributes["buildInfo"]
 
 

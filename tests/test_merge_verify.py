@@ -180,7 +180,10 @@ def test_verify_checks_program_attribute_blobs(attr_pair, tmp_path):
 
     specs, (a, b) = attr_pair
     out = str(tmp_path / "out.mlpackage")
-    merge(specs, out, verify=True)
+    merged = merge(specs, out, verify=True)
+    assert [w for w in merged.warnings if "program attribute" in w] == [
+        f"program attribute 'lut': kept the value of {a}, dropped the different value of {b}"
+    ]
     report = verify(out, specs)
     assert report.equivalent
     found = {c.key: c for c in report.attributes}
@@ -230,3 +233,16 @@ def test_merge_verify_catches_a_fault_in_an_attribute_blob(attr_pair, tmp_path, 
         merge(specs, out, verify=True)
     assert "program attribute" in str(info.value)
     assert not os.path.lexists(out) and leftovers(tmp_path) == []
+
+
+def test_same_attribute_bytes_at_another_offset_is_no_conflict(tmp_path):
+    """Two sources whose "lut" attributes hold the same bytes stored at different offsets: the
+    values are equal, so the merge reports nothing dropped."""
+    w = np.arange(64, dtype=np.float16).reshape(8, 8)
+    a = minipkg.make(tmp_path / "a.mlpackage", {"main": [("float16", w)]}, extra_blobs=[("float16", LUT)])
+    b = minipkg.make(tmp_path / "b.mlpackage", {"main": [("float16", w + 1), ("float16", w + 2)]},
+                     extra_blobs=[("float16", LUT)])
+    add_attribute_blobs(a, {"lut": 1})
+    add_attribute_blobs(b, {"lut": 2})
+    report = merge([f"{a}:main=infer", f"{b}:main=prefill"], str(tmp_path / "out.mlpackage"))
+    assert report.warnings == []
