@@ -15,7 +15,7 @@ import ctypes
 import mmap
 import os
 import threading
-from collections.abc import Hashable, Sequence
+from collections.abc import Callable, Hashable, Sequence
 from dataclasses import dataclass
 
 import xxhash
@@ -23,11 +23,18 @@ import xxhash
 from .blobfile import Blob, BlobFile
 from .errors import BlobFileError
 
-__all__ = ["BlobSource", "Stats", "group_identical", "ConcurrentGrouping", "blob_digest", "sample_digest", "blobs_equal", "WINDOW"]
+__all__ = ["BlobSource", "Stats", "Stopped", "group_identical", "ConcurrentGrouping", "blob_digest", "sample_digest", "blobs_equal", "WINDOW"]
 
 #: Bytes mapped at once while hashing or comparing.
 WINDOW = 8 << 20
 _PAGE = mmap.ALLOCATIONGRANULARITY
+
+#: ``stop()`` returning true asks a comparison or hash to give up (checked before each window).
+Stop = Callable[[], bool]
+
+
+class Stopped(Exception):
+    """A comparison or hash gave up because its ``stop`` callable returned true."""
 
 
 @dataclass(frozen=True)
@@ -48,9 +55,10 @@ class BlobSource:
         return (b.dtype.code, b.size, b.padding_bits if b.dtype.sub_byte else 0)
 
 
-def _windows(src: BlobSource, window: int | None = None):
+def _windows(src: BlobSource, window: int | None = None, stop: Stop | None = None):
     """Yield memoryviews of the blob's data in chunks of ``window`` bytes (the last one shorter),
     one short-lived mapping at a time. Two blobs of one size yield chunks of equal lengths.
+    Raises :class:`Stopped` before a window if ``stop()`` is true.
 
     The mappings are private (copy-on-write, never written) rather than read-only only so that
     ctypes can take their address for ``memcmp``: reading them shares the page cache as a
@@ -59,6 +67,8 @@ def _windows(src: BlobSource, window: int | None = None):
     window = window or WINDOW
     fd, data, size = src.file.fileno(), src.blob.data_offset, src.blob.size
     for chunk in range(0, size, window):
+        if stop is not None and stop():
+            raise Stopped
         pos = data + chunk
         base = pos - pos % _PAGE
         length = pos + min(window, size - chunk) - base
@@ -117,10 +127,10 @@ class Stats:
         return self.bytes_hashed + self.bytes_compared
 
 
-def blob_digest(src: BlobSource, stats: Stats | None = None) -> bytes:
+def blob_digest(src: BlobSource, stats: Stats | None = None, stop: Stop | None = None) -> bytes:
     """xxh3-128 of a blob's data, read through mmap windows."""
     h = xxhash.xxh3_128()
-    for view in _windows(src):
+    for view in _windows(src, stop=stop):
         h.update(view)
     if stats is not None:
         stats.bytes_hashed += src.blob.size
@@ -152,13 +162,13 @@ def sample_digest(src: BlobSource, stats: Stats | None = None) -> bytes:
     return h.digest()
 
 
-def blobs_equal(a: BlobSource, b: BlobSource, stats: Stats | None = None) -> bool:
+def blobs_equal(a: BlobSource, b: BlobSource, stats: Stats | None = None, stop: Stop | None = None) -> bool:
     """True iff two blobs have the same dtype, size, padding and bytes."""
     if a.shape_key != b.shape_key:
         return False
     if a.key == b.key:
         return True
-    for va, vb in zip(_windows(a), _windows(b)):
+    for va, vb in zip(_windows(a, stop=stop), _windows(b)):
         if stats is not None:
             stats.bytes_compared += 2 * len(va)
         if len(va) != len(vb) or not _same_bytes(va, vb):
@@ -207,23 +217,25 @@ def _plan(sources: Sequence[BlobSource], stats: Stats | None) -> _Plan:
     return _Plan(canonical, candidate_sets, pending)
 
 
-def _resolve(sources: Sequence[BlobSource], members: list[int], canonical: list[int], stats: Stats | None) -> None:
+def _resolve(
+    sources: Sequence[BlobSource], members: list[int], canonical: list[int], stats: Stats | None, stop: Stop | None = None
+) -> None:
     """Decide ``canonical`` for one candidate set (sorted; its first member stays canonical)."""
     if len(members) == 2:
         # Two candidates: compare them directly. Hashing both would read the same bytes once
         # more, and a byte comparison decides either way (it stops at the first difference).
         i, j = members
-        if blobs_equal(sources[i], sources[j], stats):
+        if blobs_equal(sources[i], sources[j], stats, stop):
             canonical[j] = i
         return
     by_digest: dict[bytes, list[int]] = {}
     for i in members:
-        by_digest.setdefault(blob_digest(sources[i], stats), []).append(i)
+        by_digest.setdefault(blob_digest(sources[i], stats, stop), []).append(i)
     for same_hash in by_digest.values():
         reps: list[int] = []
         for i in same_hash:
             for r in reps:
-                if blobs_equal(sources[r], sources[i], stats):
+                if blobs_equal(sources[r], sources[i], stats, stop):
                     canonical[i] = r
                     break
             else:
@@ -258,7 +270,7 @@ class ConcurrentGrouping:
     (``copy_file_range``) both run outside the GIL, so the two overlap on separate cores.
 
     A worker's exception is raised by :meth:`canonical_of`; leaving the ``with`` block stops the
-    worker (after the candidate set it is comparing) and waits for it.
+    worker (before the next window of at most :data:`WINDOW` bytes it would read) and waits for it.
     """
 
     def __init__(self, sources: Sequence[BlobSource], stats: Stats | None = None):
@@ -281,15 +293,20 @@ class ConcurrentGrouping:
         if self._thread.is_alive():
             self._thread.join()
 
+    def _stopping(self) -> bool:
+        return self._stop
+
     def _work(self) -> None:
         try:
             for k, members in enumerate(self._plan.candidate_sets):
                 if self._stop:
                     return
-                _resolve(self._sources, members, self._plan.canonical, self._stats)
+                _resolve(self._sources, members, self._plan.canonical, self._stats, self._stopping)
                 with self._cond:
                     self._resolved = k + 1
                     self._cond.notify_all()
+        except Stopped:  # the caller left: nobody waits for the rest
+            return
         except BaseException as exc:  # handed to the caller's thread
             with self._cond:
                 self._error = exc

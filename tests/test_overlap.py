@@ -130,6 +130,50 @@ def test_writer_failure_stops_the_worker(tmp_path, monkeypatch):
     assert not _compare_threads()
 
 
+def test_leaving_stops_the_worker_inside_a_candidate_set(tmp_path, monkeypatch):
+    """Leaving the ``with`` block (an error or Ctrl-C in the writer) stops a worker that is
+    hashing a large group of same-size blobs before its next window, not after the whole group."""
+    import time
+
+    monkeypatch.setattr(coalesce, "WINDOW", 64 << 10)
+    data = RNG.integers(0, 255, 1 << 20, dtype=np.uint8)  # 16 windows per blob
+    path = tmp_path / "w.bin"
+    with BlobWriter(path) as w:
+        for _ in range(3):  # three equal blobs: sampled, then hashed in full
+            w.add_array("uint8", data)
+    started, release = threading.Event(), threading.Event()
+    read = []
+    real_windows = coalesce._windows
+
+    def counted_windows(src, window=None, stop=None):
+        for view in real_windows(src, window, stop):
+            read.append(len(view))
+            if len(read) == 1:
+                started.set()
+                assert release.wait(30), "the test never released the worker"
+            yield view
+
+    monkeypatch.setattr(coalesce, "_windows", counted_windows)
+    stats = coalesce.Stats()
+    with BlobFile(path) as bf:
+        sources = [BlobSource(bf, b) for b in bf]
+        grouping = ConcurrentGrouping(sources, stats)
+
+        def release_once_stopping():
+            while not grouping._stop:
+                time.sleep(0.001)
+            release.set()
+
+        releaser = threading.Thread(target=release_once_stopping)
+        with grouping:
+            assert started.wait(30)
+            releaser.start()
+        releaser.join()
+    assert not _compare_threads()
+    assert read == [64 << 10], f"the worker read {len(read)} windows after being asked to stop"
+    assert stats.bytes_hashed == 3 * coalesce.SAMPLE * 3  # the samples only; no full hash finished
+
+
 def test_merge_output_is_the_same_whatever_the_thread_timing(tmp_path, monkeypatch):
     """A slow worker (every comparison delayed) and a fast one produce identical outputs."""
     import time

@@ -198,7 +198,7 @@ def test_hash_only_picks_candidates_bytes_decide(tmp_path, monkeypatch):
     with BlobWriter(path) as w:
         for arr in (a, b, a, a[:32], b[:32]):
             w.add_array("uint8", arr)
-    monkeypatch.setattr(coalesce, "blob_digest", lambda src, stats=None: b"same")
+    monkeypatch.setattr(coalesce, "blob_digest", lambda src, stats=None, stop=None: b"same")
     monkeypatch.setattr(coalesce, "sample_digest", lambda src, stats=None: b"same")
     with BlobFile(path) as bf:
         src = [coalesce.BlobSource(bf, blob) for blob in bf]
