@@ -35,7 +35,7 @@ from .formats import (
 from .package import Package, ResolvedRef, StagedPackage
 from .spec import BlobRef, blanked_value, iter_blob_refs, iter_function_values, values_in_value
 
-__all__ = ["Pick", "WriteReport", "build_model", "write_package", "Progress"]
+__all__ = ["Pick", "WriteReport", "build_model", "write_package", "values_equal", "Progress"]
 
 #: progress(phase, done, total): phase names the work ("copying"); done and total are bytes.
 Progress = Callable[[str, int, int], None]
@@ -103,7 +103,7 @@ def _merge_metadata(out: pb.Model, sources: list[Package], warnings: list[str]) 
                 )
 
 
-def _same_value(a: Package, va: pb.Value, b: Package, vb: pb.Value, where: str) -> bool:
+def values_equal(a: Package, va: pb.Value, b: Package, vb: pb.Value, where: str) -> bool:
     """Whether two Values are equal once each blob reference is replaced by the blob's bytes."""
     if blanked_value(va) != blanked_value(vb):
         return False
@@ -183,7 +183,7 @@ def build_model(
                 kept[e.key] = (pkg, e.value)
             else:
                 first, value = kept[e.key]
-                if not _same_value(first, value, pkg, e.value, f"program.attributes[{e.key}]"):
+                if not values_equal(first, value, pkg, e.value, f"program.attributes[{e.key}]"):
                     warnings.append(
                         f"program attribute {e.key!r}: kept the value of {first.path}, dropped the "
                         f"different value of {pkg.path}"

@@ -16,12 +16,12 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from ._proto import milsurgery_spec_pb2 as pb
-from .assemble import Pick
+from .assemble import Pick, values_equal
 from .coalesce import BlobSource, blobs_equal
 from .errors import FormatError, MilSurgeryError, UsageError
 from .merge import SourceSpec, resolve_sources
 from .package import Package, ResolvedRef
-from .spec import blanked_value, iter_blob_refs
+from .spec import iter_blob_refs
 
 __all__ = ["VerificationFailed", "FunctionCheck", "AttributeCheck", "VerifyReport", "verify", "verify_picks", "verify_staged"]
 
@@ -54,7 +54,7 @@ class AttributeCheck:
     key: str
     sources: list[str]  # packages whose program has an attribute of this key
     matched: str | None = None  # the first of them whose value it equals, bytes included
-    blobs_compared: int = 0
+    blobs_compared: int = 0  # blobs the attribute references (each compared with a candidate's)
     bytes_compared: int = 0
 
     @property
@@ -229,7 +229,8 @@ def _check_attributes(pkg: Package, sources: Sequence[Package]) -> list[Attribut
     """
     checks = []
     for entry in pkg.model.mlProgram.attributes:
-        refs = pkg.value_refs(entry.value, f"program.attributes[{entry.key}]")
+        where = f"program.attributes[{entry.key}]"
+        refs = pkg.value_refs(entry.value, where)
         if not refs:
             continue
         candidates = [
@@ -238,21 +239,12 @@ def _check_attributes(pkg: Package, sources: Sequence[Package]) -> list[Attribut
         if not candidates:
             continue
         check = AttributeCheck(entry.key, sorted({src.path for src, _ in candidates}))
-        shape = blanked_value(entry.value)
         for src, value in candidates:
-            if blanked_value(value) != shape:
-                continue
-            theirs = src.value_refs(value, f"program.attributes[{entry.key}]")
-            same = True
-            for ra, rb in zip(refs, theirs):
-                check.blobs_compared += 1
-                check.bytes_compared += ra.blob.size
-                if not blobs_equal(BlobSource(ra.file, ra.blob), BlobSource(rb.file, rb.blob)):
-                    same = False
-                    break
-            if same:
+            if values_equal(pkg, entry.value, src, value, where):
                 check.matched = src.path
                 break
+        check.blobs_compared = len(refs)
+        check.bytes_compared = sum(r.blob.size for r in refs)
         checks.append(check)
     return checks
 
