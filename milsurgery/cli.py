@@ -1,7 +1,8 @@
 """The ``milsurgery`` command line: parses arguments, calls the library, prints.
 
 Exit status: 0 success; 1 ``verify`` found a difference; 2 any error (one line on stderr,
-``milsurgery: error: ...``; ``--debug`` adds the traceback).
+``milsurgery: error: ...``; ``--debug`` adds the traceback); 130 interrupted (SIGINT), 143
+terminated (SIGTERM), partial outputs removed.
 """
 
 from __future__ import annotations
@@ -255,6 +256,14 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+class Terminated(BaseException):
+    """SIGTERM arrived: unwinds like Ctrl-C, so partial outputs are removed on the way out."""
+
+
+def _raise_terminated(signum, frame) -> None:
+    raise Terminated
+
+
 def main(argv: list[str] | None = None) -> int:
     if hasattr(signal, "SIGXFSZ"):
         # Past a file-size limit (ulimit -f) writes then fail with EFBIG, which is reported as
@@ -266,6 +275,12 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
+        # SIGTERM (a timeout, a service manager) would end the process where it stands and leave
+        # a partial directory for the next run to remove; unwinding removes it now.
+        previous_term = signal.signal(signal.SIGTERM, _raise_terminated)
+    except ValueError:  # not the main thread
+        previous_term = None
+    try:
         return args.func(args)
     except MilSurgeryError as exc:
         report = getattr(exc, "report", None)
@@ -276,11 +291,19 @@ def main(argv: list[str] | None = None) -> int:
             traceback.print_exc()
         print(f"milsurgery: error: {exc}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print("milsurgery: interrupted; no output was written", file=sys.stderr)
-        return 130
+    except (KeyboardInterrupt, Terminated) as exc:
+        word, signum = ("interrupted", signal.SIGINT) if isinstance(exc, KeyboardInterrupt) else ("terminated", signal.SIGTERM)
+        if args.command == "append" or getattr(args, "in_place", False):
+            outcome = f"{args.package} is complete, as it was or with the whole edit"
+        else:
+            outcome = "no output was written"
+        print(f"milsurgery: {word}; {outcome}", file=sys.stderr)
+        return 128 + signum
     except BrokenPipeError:
         return 0
+    finally:
+        if previous_term is not None:
+            signal.signal(signal.SIGTERM, previous_term)
 
 
 if __name__ == "__main__":
