@@ -165,6 +165,12 @@ def build_model(
     desc.ClearField("defaultFunctionName")
     out.mlProgram.ClearField("functions")
     _merge_metadata(out, sources, warnings)
+    for pkg in sources:
+        for rel in pkg.other_items():
+            warnings.append(
+                f"{pkg.path}: manifest item {rel!r} is not carried over (the output holds the spec "
+                "and the weights only)"
+            )
 
     pairs: list[tuple[BlobRef, ResolvedRef]] = []
     # Program attributes: the first source's entries as they are, plus keys only later sources

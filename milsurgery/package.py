@@ -242,6 +242,18 @@ class Package:
         """The blob a reference into this package's spec points at (checked like at open)."""
         return self._resolve(ref)
 
+    def other_items(self) -> list[str]:
+        """Paths (as in Manifest.json) of items besides the spec and the weights directory:
+        what a command writing a new package from this one does not carry over."""
+        root = self.manifest["rootModelIdentifier"]
+        weights = os.path.realpath(self.weights_dir)
+        out = []
+        for key, item in self.manifest["itemInfoEntries"].items():
+            if key == root or os.path.realpath(self._item_path(key, item["path"])) == weights:
+                continue
+            out.append(item["path"])
+        return out
+
     def value_refs(self, value: pb.Value, where: str) -> list[ResolvedRef]:
         """The blobs referenced from ``value`` (a Value of this package's spec, e.g. a program
         attribute) and the Values nested in it; ``where`` names it in messages."""

@@ -242,3 +242,32 @@ def test_fixture_specs_roundtrip_byte_identical(fx, tmp_path):
         data = open(spec_path(path), "rb").read()
         assert pb.Model.FromString(data).SerializeToString() == data, path
     assert len(paths) >= 8
+
+
+def test_manifest_items_not_carried_over_are_reported(tmp_path):
+    """An item of a source's Manifest.json besides the spec and the weights (here a notes file)
+    is not written to the output, and the report says so, naming the source and the item."""
+    import json
+
+    import numpy as np
+
+    import minipkg
+
+    w = np.arange(16, dtype=np.float16).reshape(4, 4)
+    a = minipkg.make(tmp_path / "a.mlpackage", {"main": [("float16", w)]})
+    b = minipkg.make(tmp_path / "b.mlpackage", {"main": [("float16", w + 1)]})
+    with open(os.path.join(b, "Data", "com.apple.CoreML", "notes.txt"), "w") as f:
+        f.write("calibration notes")
+    manifest_path = os.path.join(b, "Manifest.json")
+    manifest = json.load(open(manifest_path))
+    manifest["itemInfoEntries"]["NOTES"] = {"author": "someone", "description": "notes", "name": "notes.txt",
+                                            "path": "com.apple.CoreML/notes.txt"}
+    with open(manifest_path, "w") as f:
+        json.dump(manifest, f)
+    assert Package(a).other_items() == [] and Package(b).other_items() == ["com.apple.CoreML/notes.txt"]
+    out = str(tmp_path / "m.mlpackage")
+    report = merge([f"{a}:main=x", f"{b}:main=y"], out)
+    assert report.warnings == [
+        f"{b}: manifest item 'com.apple.CoreML/notes.txt' is not carried over (the output holds the spec and the weights only)"
+    ]
+    assert not os.path.exists(os.path.join(out, "Data", "com.apple.CoreML", "notes.txt"))
