@@ -4,6 +4,9 @@ A function is equivalent to its source when its graph is identical except for bl
 (file name and offset), and every blob it references holds the same dtype, padding and bytes as
 the source's blob at the same place in the graph; its I/O description must match too.
 
+Program attributes holding blob references are checked too: each must equal, referenced bytes
+included, the value of some source having that key (see :func:`_check_attributes`).
+
 The check is independent of how the package was written: it walks both functions, compares the
 referenced bytes, blanks the blob references in copies of both and compares the serialized
 graphs. On a difference it reports the function, the op and what differs.
