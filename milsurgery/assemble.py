@@ -35,7 +35,7 @@ from .formats import (
 from .package import Package, ResolvedRef, StagedPackage
 from .spec import BlobRef, blanked_value, iter_blob_refs, iter_function_values, values_in_value
 
-__all__ = ["Pick", "WriteReport", "build_model", "write_package", "values_equal", "Progress"]
+__all__ = ["Pick", "WriteReport", "build_model", "write_package", "values_equal", "distinct_sources", "Progress"]
 
 #: progress(phase, done, total): phase names the work ("copying"); done and total are bytes.
 Progress = Callable[[str, int, int], None]
@@ -70,6 +70,15 @@ class WriteReport:
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+
+def distinct_sources(picks: list[Pick]) -> list[Package]:
+    """The packages ``picks`` come from, each once, in order of first use."""
+    out: list[Package] = []
+    for p in picks:
+        if all(p.source is not s for s in out):
+            out.append(p.source)
+    return out
 
 
 def _function_spec_version(pick: Pick) -> int:
@@ -150,10 +159,7 @@ def build_model(
     if default not in names:
         raise UsageError(f"default function {default!r} is not among the output functions {names}")
 
-    sources: list[Package] = []
-    for p in picks:
-        if all(p.source is not s for s in sources):
-            sources.append(p.source)
+    sources = distinct_sources(picks)
     base = sources[0]
     out = pb.Model()
     out.CopyFrom(base.model)

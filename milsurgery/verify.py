@@ -19,7 +19,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from ._proto import milsurgery_spec_pb2 as pb
-from .assemble import Pick, values_equal
+from .assemble import Pick, distinct_sources, values_equal
 from .coalesce import BlobSource, blobs_equal
 from .errors import FormatError, MilSurgeryError, UsageError
 from .merge import SourceSpec, resolve_sources
@@ -260,11 +260,7 @@ def verify_picks(pkg: Package, picks: Sequence[Pick]) -> VerifyReport:
         if pick.new_name not in pkg.functions:
             raise UsageError(f"{pkg.path}: no function {pick.new_name!r} to verify (it has {pkg.functions})")
         checks.append(_check(pkg, pick.new_name, pick))
-    sources: list[Package] = []
-    for pick in picks:
-        if all(pick.source is not s for s in sources):
-            sources.append(pick.source)
-    return VerifyReport(pkg.path, checks, _check_attributes(pkg, sources))
+    return VerifyReport(pkg.path, checks, _check_attributes(pkg, distinct_sources(list(picks))))
 
 
 def verify(package: str | os.PathLike, against: Sequence[str | os.PathLike | SourceSpec]) -> VerifyReport:
