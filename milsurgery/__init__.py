@@ -19,6 +19,7 @@ from .errors import (
     UsageError,
     WriteError,
 )
+from . import inspect
 from .inspect import inspect_package
 from .memory import memory_model
 from .merge import merge, parse_source
@@ -49,6 +50,7 @@ __all__ = [
     "WriteReport",
     "append",
     "extract",
+    "inspect",
     "inspect_package",
     "memory_model",
     "merge",

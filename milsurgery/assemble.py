@@ -64,9 +64,11 @@ class WriteReport:
     blobs_coalesced: int = 0  # source blobs folded into an identical one
     bytes_coalesced: int = 0  # data bytes not written thanks to coalescing
     bytes_read: int = 0  # weight bytes read to hash, compare and copy
-    bytes_written: int = 0  # size of the output weight.bin
+    bytes_written: int = 0  # size of the output weight.bin (append: bytes appended to it)
     seconds: float = 0.0
     warnings: list[str] = field(default_factory=list)
+    weight_file_bytes: int = 0  # size of the output weight.bin when the command ends
+    verified: dict | None = None  # merge --verify: the verification report (VerifyReport.to_dict)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -304,6 +306,6 @@ def write_package(
     report.blobs_coalesced = len(folded)
     report.bytes_coalesced = sum(sources[i].blob.size for i in folded)
     report.bytes_read = stats.bytes_read + copied
-    report.bytes_written = writer.size
+    report.bytes_written = report.weight_file_bytes = writer.size
     report.seconds = time.perf_counter() - start
     return report

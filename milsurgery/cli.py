@@ -8,6 +8,7 @@ terminated (SIGTERM), partial outputs removed.
 from __future__ import annotations
 
 import argparse
+import difflib
 import json
 import signal
 import sys
@@ -17,11 +18,25 @@ import traceback
 from . import __version__
 from .errors import MilSurgeryError, UsageError
 
-__all__ = ["main", "build_parser"]
+__all__ = ["main", "build_parser", "add_command", "human_bytes"]
+
+
+def human_bytes(n: int) -> str:
+    """``n`` bytes in B, KiB, MiB, GiB or TiB (one decimal above bytes)."""
+    value = float(n)
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if abs(value) < 1024:
+            return f"{n} B" if unit == "B" else f"{value:.1f} {unit}"
+        value /= 1024
+    return f"{value:.1f} TiB"
 
 
 class ProgressBar:
-    """A one-line progress bar on stderr, drawn only when stderr is a terminal."""
+    """A one-line progress bar on stderr, drawn only when stderr is a terminal.
+
+    Called as ``bar(phase, done, total)`` with byte counts; it shows ``done`` of ``total``, so the
+    figures always agree with the percentage.
+    """
 
     def __init__(self, enabled: bool):
         self.enabled = enabled and sys.stderr.isatty()
@@ -35,14 +50,14 @@ class ProgressBar:
         if phase == self._phase and now - self._last < 0.1 and done < total:
             return
         self._phase, self._last = phase, now
-        frac = done / total if total else 1.0
+        frac = min(done / total, 1.0) if total else 1.0
         bar = "#" * int(frac * 30)
-        sys.stderr.write(f"\r{phase:8s} [{bar:<30s}] {frac * 100:5.1f}% {done / 2**20:9.1f} MiB")
+        sys.stderr.write(f"\r{phase:9s} [{bar:<30s}] {frac * 100:5.1f}% {human_bytes(done):>10s} of {human_bytes(total):<10s}")
         sys.stderr.flush()
 
     def finish(self) -> None:
         if self.enabled and self._phase:
-            sys.stderr.write("\r" + " " * 72 + "\r")
+            sys.stderr.write("\r" + " " * 79 + "\r")
             sys.stderr.flush()
 
 
@@ -51,7 +66,7 @@ def _print_json(obj) -> None:
     sys.stdout.write("\n")
 
 
-def _print_report(report, quiet: bool, as_json: bool) -> None:
+def _print_report(report, quiet: bool, as_json: bool, *, appended: bool = False) -> None:
     if as_json:
         _print_json(report.to_dict())
         return
@@ -59,20 +74,40 @@ def _print_report(report, quiet: bool, as_json: bool) -> None:
         print(f"milsurgery: warning: {w}", file=sys.stderr)
     if quiet:
         return
+    n = len(report.functions)
     print(
-        f"wrote {report.output}: functions {', '.join(report.functions)} "
-        f"(default {report.default_function!r}), spec version {report.spec_version}"
+        f"{'appended to' if appended else 'wrote'} {report.output}: {n} function{'s' if n != 1 else ''} "
+        f"{', '.join(report.functions)} (default {report.default_function!r}), spec version {report.spec_version}"
     )
+    reused = (
+        f"{report.blobs_coalesced} identical to a blob already stored, not written again ({human_bytes(report.bytes_coalesced)})"
+    )
+    if appended:
+        print(
+            f"  weight.bin now {human_bytes(report.weight_file_bytes)}: appended {report.blobs_written} blobs "
+            f"({human_bytes(report.bytes_written)}); {reused}"
+        )
+    else:
+        print(f"  weight.bin {human_bytes(report.bytes_written)}: {report.blobs_written} blobs written; {reused}")
     print(
-        f"  weight.bin {report.bytes_written} bytes, {report.blobs_written} blobs "
-        f"({report.blobs_coalesced} coalesced, {report.bytes_coalesced} bytes saved); "
-        f"read {report.bytes_read} bytes in {report.seconds:.2f} s"
+        f"  read {human_bytes(report.bytes_read)} of source weights to copy and compare "
+        f"(identical blobs are read twice) in {report.seconds:.2f} s"
     )
+    verified = getattr(report, "verified", None)
+    if verified is not None:
+        print(f"  verified: {verified['summary']}")
+
+
+def _warn_suffix(path) -> None:
+    if path is not None and not str(path).rstrip("/").endswith(".mlpackage"):
+        print(f"milsurgery: warning: {path} does not end in .mlpackage; Core ML tools expect that suffix", file=sys.stderr)
 
 
 def cmd_inspect(args) -> int:
     from .inspect import inspect_package, render_text
 
+    if args.order and not args.memory:
+        raise UsageError("--order sets the load order of --memory; add --memory")
     info = inspect_package(args.package, duplicates=not args.no_duplicates)
     if args.memory:
         from .memory import memory_model, render_memory_text
@@ -82,7 +117,7 @@ def cmd_inspect(args) -> int:
     if args.json:
         _print_json(info)
     else:
-        print(render_text(info))
+        print(render_text(info, all_ops=args.all_ops))
         if args.memory:
             print(render_memory_text(info["memory"]))
     return 0
@@ -91,22 +126,22 @@ def cmd_inspect(args) -> int:
 def cmd_merge(args) -> int:
     from .merge import merge
 
-    bar = ProgressBar(not args.quiet)
-    try:
-        report = merge(args.sources, args.output, default=args.default, force=args.force, sync=not args.no_sync, verify=args.verify, progress=bar)
-    finally:
-        bar.finish()
-    _print_report(report, args.quiet, args.json)
-    return 0
+    _warn_suffix(args.output)
+    return _run_writer(
+        args, lambda bar: merge(
+            args.sources, args.output, default=args.default, force=args.force, sync=not args.no_sync,
+            verify=args.verify, progress=bar,
+        )
+    )
 
 
-def _run_writer(args, call) -> int:
+def _run_writer(args, call, *, appended: bool = False) -> int:
     bar = ProgressBar(not args.quiet)
     try:
         report = call(bar)
     finally:
         bar.finish()
-    _print_report(report, args.quiet, args.json)
+    _print_report(report, args.quiet, args.json, appended=appended)
     return 0
 
 
@@ -115,12 +150,14 @@ def cmd_shrink(args) -> int:
 
     if args.output is None and not args.in_place:
         raise UsageError("shrink needs -o OUT or --in-place")
+    _warn_suffix(args.output)
     return _run_writer(args, lambda bar: shrink(args.package, args.output, in_place=args.in_place, force=args.force, sync=not args.no_sync, progress=bar))
 
 
 def cmd_extract(args) -> int:
     from .surgery import extract
 
+    _warn_suffix(args.output)
     return _run_writer(
         args,
         lambda bar: extract(
@@ -133,6 +170,7 @@ def cmd_extract(args) -> int:
 def cmd_remove(args) -> int:
     from .surgery import remove
 
+    _warn_suffix(args.output)
     return _run_writer(
         args, lambda bar: remove(
             args.package, args.functions, args.output, default=args.default, force=args.force, sync=not args.no_sync,
@@ -144,116 +182,237 @@ def cmd_remove(args) -> int:
 def cmd_rename(args) -> int:
     from .surgery import rename
 
+    _warn_suffix(args.output)
     return _run_writer(args, lambda bar: rename(args.package, args.mapping, args.output, force=args.force, sync=not args.no_sync, progress=bar))
 
 
 def cmd_append(args) -> int:
     from .surgery import append
 
-    return _run_writer(args, lambda bar: append(args.package, args.sources, progress=bar))
+    return _run_writer(args, lambda bar: append(args.package, args.sources, progress=bar), appended=True)
 
 
 def cmd_verify(args) -> int:
     from .verify import verify
 
-    report = verify(args.package, args.against)
+    if args.package is None:  # options first: ``verify --against A B PKG``
+        if len(args.against) < 2:
+            raise UsageError("verify needs PKG and at least one --against source (verify PKG --against SRC...)")
+        args.package = args.against.pop()
+    bar = ProgressBar(not args.json)
+    try:
+        report = verify(args.package, args.against, progress=bar)
+    finally:
+        bar.finish()
     if args.json:
         _print_json(report.to_dict())
     else:
         for c in report.checks:
-            status = "equivalent" if c.equivalent else "DIFFERS"
-            print(f"{c.function}: {status} to {c.source} ({c.blobs_compared} blobs, {c.bytes_compared} bytes compared)")
+            status = "equivalent to" if c.equivalent else "differs from"
+            print(f"{c.function}: {status} {c.source} ({c.blobs_compared} blobs, {human_bytes(c.bytes_compared)} compared)")
             for d in c.differences:
                 print(f"  {d}")
         for a in report.attributes:
             if a.equivalent:
-                print(f"program attribute {a.key!r}: equivalent to {a.matched}'s ({a.blobs_compared} blobs, {a.bytes_compared} bytes compared)")
+                print(f"program attribute {a.key!r}: equivalent to {a.matched}'s ({a.blobs_compared} blobs, {human_bytes(a.bytes_compared)} compared)")
             else:
-                print(f"program attribute {a.key!r}: DIFFERS\n  {a.difference}")
+                print(f"program attribute {a.key!r}: differs\n  {a.difference}")
     return 0 if report.equivalent else 1
+
+
+def cmd_completion(args) -> int:
+    try:
+        import shtab
+    except ImportError:
+        raise UsageError("shell completion needs shtab: pip install 'milsurgery[completion]'") from None
+    sys.stdout.write(shtab.complete(build_parser(), shell=args.shell))
+    return 0
 
 
 _NO_SYNC_HELP = (
     "do not flush OUT to disk (fsync) before it appears: faster; other programs still see OUT "
     "appear whole, but a power loss or system crash soon after may leave it incomplete"
 )
+_PKG_HELP = "an ML-program package (.mlpackage directory)"
+_SRC_HELP = (
+    "a source package: SRC takes all its functions under their own names, SRC:FUNC one function, "
+    "SRC:FUNC=NEW that function named NEW (a single-function model's function is main)"
+)
 
 
 def _add_output_options(p, *, output=True) -> None:
     if output:
-        p.add_argument("-o", "--output", required=True, metavar="OUT.mlpackage")
+        p.add_argument("-o", "--output", required=True, metavar="OUT.mlpackage", help="the package to write (must not exist unless --force)")
         p.add_argument("--force", action="store_true", help="replace OUT if it exists")
         p.add_argument("--no-sync", action="store_true", help=_NO_SYNC_HELP)
     p.add_argument("--quiet", action="store_true", help="no progress bar, no summary")
-    p.add_argument("--json", action="store_true", help="print the report as JSON")
+    p.add_argument("--json", action="store_true", help="print the report as JSON (exact byte counts)")
+
+
+def add_command(sub, name: str, summary: str, description: str, examples: list[str]) -> argparse.ArgumentParser:
+    """Add subcommand ``name``: ``summary`` in the command list, ``description`` and ``examples``
+    (command lines, without the leading ``milsurgery``) in its ``--help``."""
+    epilog = "examples:\n" + "\n".join(f"  milsurgery {e}" for e in examples) if examples else None
+    return sub.add_parser(
+        name, help=summary, description=description, epilog=epilog,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="milsurgery",
-        description="Low-level surgery on Core ML ML-program packages (.mlpackage).",
+        description=(
+            "Low-level surgery on Core ML ML-program packages (.mlpackage): merge functions of several\n"
+            "packages into one with identical weights stored once, shrink, extract, remove, rename,\n"
+            "append, verify and inspect, without loading weights into memory."
+        ),
+        epilog="'milsurgery COMMAND --help' describes a command, with examples.",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    parser.add_argument("--version", action="version", version=f"milsurgery {__version__}")
-    parser.add_argument("--debug", action="store_true", help="show a traceback on errors")
-    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    parser.add_argument("-V", "--version", action="version", version=f"milsurgery {__version__}")
+    parser.add_argument("--debug", action="store_true", help="show a traceback on errors (accepted anywhere on the line)")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
 
-    p = sub.add_parser("inspect", help="describe a package: functions, blobs, sharing, duplicates")
-    p.add_argument("package", metavar="PKG")
-    p.add_argument("--json", action="store_true", help="machine-readable output (stable keys)")
+    p = add_command(
+        sub, "inspect", "describe a package: functions, blobs, sharing, duplicates",
+        "Spec version; functions with inputs, outputs, states, opset and op types; blobs and bytes by\n"
+        "dtype; bytes each function references and each pair shares; identical blobs at different\n"
+        "offsets (what shrink recovers); unreferenced blobs; metadata. Reads no weight bytes except\n"
+        "to compare blobs whose dtype and size collide (--no-duplicates skips that).",
+        ["inspect llm.mlpackage", "inspect llm.mlpackage --json", "inspect llm.mlpackage --memory --order prefill,infer"],
+    )
+    p.add_argument("package", metavar="PKG", help=_PKG_HELP)
+    p.add_argument("--json", action="store_true", help="machine-readable output (stable keys, exact bytes)")
     p.add_argument("--no-duplicates", action="store_true", help="skip the duplicate-content search (reads no weight bytes)")
+    p.add_argument("--all-ops", action="store_true", help="list every op type of each function (default: the 8 most used)")
     p.add_argument("--memory", action="store_true", help="model weight memory per function in load order (shared mapping vs per-function copies)")
-    p.add_argument("--order", metavar="F1,F2,...", help="load order for --memory (default: the package's function order)")
+    p.add_argument("--order", metavar="F1,F2,...", help="load order for --memory, every function once (default: the package's function order)")
     p.set_defaults(func=cmd_inspect)
 
-    p = sub.add_parser("merge", help="merge functions of several packages into one multi-function package")
-    p.add_argument("sources", nargs="+", metavar="SRC[:FUNC[=NEW]]")
+    p = add_command(
+        sub, "merge", "merge functions of several packages into one multi-function package",
+        "Writes OUT with the chosen functions; every weight blob is stored once per distinct content\n"
+        "(identical bytes, compared byte by byte), graphs are kept except their blob offsets.\n"
+        "Sources are only read; OUT appears complete or not at all.",
+        [
+            "merge -o llm.mlpackage infer.mlpackage:main=infer prefill.mlpackage:main=prefill",
+            "merge -o llm.mlpackage infer.mlpackage:main=infer prefill.mlpackage:main=prefill --default infer --verify",
+            "merge -o all.mlpackage a.mlpackage b.mlpackage     # every function of both",
+        ],
+    )
+    p.add_argument("sources", nargs="+", metavar="SRC[:FUNC[=NEW]]", help=_SRC_HELP)
     p.add_argument("--default", metavar="NAME", help="default function (otherwise the first)")
     p.add_argument("--verify", action="store_true", help="check the written package against its sources before moving it into place (on a difference: exit 1, nothing replaced)")
     _add_output_options(p)
     p.set_defaults(func=cmd_merge)
 
-    p = sub.add_parser("shrink", help="coalesce identical blobs and drop unreferenced ones")
-    p.add_argument("package", metavar="PKG")
-    p.add_argument("-o", "--output", metavar="OUT.mlpackage")
+    p = add_command(
+        sub, "shrink", "coalesce identical blobs and drop unreferenced ones",
+        "Stores each distinct weight blob once (within and across functions) and drops blobs no\n"
+        "function references; the spec is otherwise unchanged. Writes OUT, or with --in-place\n"
+        "replaces PKG in one atomic step.",
+        ["shrink combined.mlpackage -o small.mlpackage", "shrink combined.mlpackage --in-place"],
+    )
+    p.add_argument("package", metavar="PKG", help=_PKG_HELP)
+    p.add_argument("-o", "--output", metavar="OUT.mlpackage", help="the package to write (must not exist unless --force)")
     p.add_argument("--in-place", action="store_true", help="replace PKG atomically instead of writing OUT")
     p.add_argument("--force", action="store_true", help="replace OUT if it exists")
     p.add_argument("--no-sync", action="store_true", help=_NO_SYNC_HELP + " (not with --in-place)")
     _add_output_options(p, output=False)
     p.set_defaults(func=cmd_shrink)
 
-    p = sub.add_parser("extract", help="a package with only some functions and the blobs they use")
-    p.add_argument("package", metavar="PKG")
-    p.add_argument("functions", nargs="+", metavar="FUNC[=NEW]")
+    p = add_command(
+        sub, "extract", "a package with only some functions and the blobs they use",
+        "Keeps the named functions (FUNC=NEW renames one) and only the blobs they reference. With\n"
+        "--single and one function the result is an ordinary single-function model.",
+        ["extract llm.mlpackage prefill -o prefill.mlpackage --single",
+         "extract llm.mlpackage infer=decode prefill -o two.mlpackage --default decode"],
+    )
+    p.add_argument("package", metavar="PKG", help=_PKG_HELP)
+    p.add_argument("functions", nargs="+", metavar="FUNC[=NEW]", help="a function of PKG to keep, optionally renamed to NEW")
     p.add_argument("--single", action="store_true", help="write an ordinary single-function model (one FUNC)")
     p.add_argument("--default", metavar="NAME", help="default function of the output")
     _add_output_options(p)
     p.set_defaults(func=cmd_extract)
 
-    p = sub.add_parser("remove", help="a package without some functions")
-    p.add_argument("package", metavar="PKG")
-    p.add_argument("functions", nargs="+", metavar="FUNC")
+    p = add_command(
+        sub, "remove", "a package without some functions",
+        "Writes OUT without the named functions; blobs only they referenced are dropped. Removing\n"
+        "the default function needs --default.",
+        ["remove llm.mlpackage prefill -o infer-only.mlpackage"],
+    )
+    p.add_argument("package", metavar="PKG", help=_PKG_HELP)
+    p.add_argument("functions", nargs="+", metavar="FUNC", help="a function of PKG to drop")
     p.add_argument("--default", metavar="NAME", help="new default function (required when removing the default)")
     _add_output_options(p)
     p.set_defaults(func=cmd_remove)
 
-    p = sub.add_parser("rename", help="rename functions (the default follows)")
-    p.add_argument("package", metavar="PKG")
-    p.add_argument("mapping", nargs="+", metavar="OLD=NEW")
+    p = add_command(
+        sub, "rename", "rename functions (the default follows)",
+        "Writes OUT with functions renamed; the default function follows its rename.",
+        ["rename llm.mlpackage infer=decode -o renamed.mlpackage"],
+    )
+    p.add_argument("package", metavar="PKG", help=_PKG_HELP)
+    p.add_argument("mapping", nargs="+", metavar="OLD=NEW", help="a function of PKG and its new name (a MIL identifier)")
     _add_output_options(p)
     p.set_defaults(func=cmd_rename)
 
-    p = sub.add_parser("append", help="add functions to a package in place, appending only new blobs")
-    p.add_argument("package", metavar="PKG")
-    p.add_argument("sources", nargs="+", metavar="SRC[:FUNC[=NEW]]")
+    p = add_command(
+        sub, "append", "add functions to a package in place, appending only new blobs",
+        "Edits PKG in place: appends to its weight.bin only blobs whose bytes it does not hold yet,\n"
+        "then replaces the spec atomically. Killed at any moment, PKG is the old or the new package.",
+        ["append llm.mlpackage adapter.mlpackage:main=lora_fr"],
+    )
+    p.add_argument("package", metavar="PKG", help=_PKG_HELP + ", edited in place")
+    p.add_argument("sources", nargs="+", metavar="SRC[:FUNC[=NEW]]", help=_SRC_HELP)
     _add_output_options(p, output=False)
     p.set_defaults(func=cmd_append)
 
-    p = sub.add_parser("verify", help="prove functions of PKG equal their sources (exit 1 if not)")
-    p.add_argument("package", metavar="PKG")
-    p.add_argument("--against", nargs="+", required=True, metavar="SRC[:FUNC[=NEW]]")
-    p.add_argument("--json", action="store_true", help="print the report as JSON")
+    p = add_command(
+        sub, "verify", "prove functions of PKG equal their sources (exit 1 if not)",
+        "Each named function must equal its source: graph identical except blob offsets, every\n"
+        "referenced blob the same bytes, same inputs, outputs and states. Exit 0 when equivalent,\n"
+        "1 with a report naming the function, the op or input, and what differs. --against may\n"
+        "come first; PKG is then the last word.",
+        ["verify llm.mlpackage --against infer.mlpackage:main=infer prefill.mlpackage:main=prefill",
+         "verify --against infer.mlpackage:main=infer prefill.mlpackage:main=prefill llm.mlpackage"],
+    )
+    p.add_argument("package", metavar="PKG", nargs="?", help=_PKG_HELP + " to check")
+    p.add_argument("--against", nargs="+", required=True, metavar="SRC[:FUNC[=NEW]]", help=_SRC_HELP + "; NEW names the function of PKG")
+    p.add_argument("--json", action="store_true", help="print the report as JSON (exact byte counts)")
     p.set_defaults(func=cmd_verify)
+
+    p = add_command(
+        sub, "completion", "print a shell completion script (bash, zsh or fish)",
+        "Prints a completion script generated from this parser (needs shtab: pip install\n"
+        "'milsurgery[completion]'). bash: source it from ~/.bashrc; zsh: save it as _milsurgery in\n"
+        "a directory of $fpath; fish: save it as ~/.config/fish/completions/milsurgery.fish.",
+        ["completion bash > milsurgery.bash", "completion zsh > ~/.zfunc/_milsurgery"],
+    )
+    p.add_argument("shell", choices=["bash", "zsh", "fish"], help="the shell to complete for")
+    p.set_defaults(func=cmd_completion)
     return parser
+
+
+def _commands(parser: argparse.ArgumentParser) -> list[str]:
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            return list(action.choices)
+    return []
+
+
+def _unknown_command(parser: argparse.ArgumentParser, argv: list[str]) -> str | None:
+    """The error for a mistyped command (with the closest names), or None."""
+    words = [a for a in argv if not a.startswith("-")]
+    if not words or any(a in ("-h", "--help", "-V", "--version") for a in argv[: argv.index(words[0])]):
+        return None
+    commands = _commands(parser)
+    if words[0] in commands:
+        return None
+    close = difflib.get_close_matches(words[0], commands, n=2, cutoff=0.6)
+    hint = f" (did you mean {' or '.join(repr(c) for c in close)}?)" if close else ""
+    return f"unknown command {words[0]!r}{hint}; commands: {', '.join(commands)}"
 
 
 class Terminated(BaseException):
@@ -273,7 +432,24 @@ def main(argv: list[str] | None = None) -> int:
         except ValueError:  # not the main thread: leave signal handling to the caller
             pass
     parser = build_parser()
+    argv = list(sys.argv[1:] if argv is None else argv)
+    # --debug is accepted anywhere before a "--"
+    cut = argv.index("--") if "--" in argv else len(argv)
+    debug = "--debug" in argv[:cut]
+    argv = [a for a in argv[:cut] if a != "--debug"] + argv[cut:]
+    if not argv:
+        parser.print_help()
+        return 0
+    unknown = _unknown_command(parser, argv)
+    if unknown:
+        parser.print_usage(sys.stderr)
+        print(f"milsurgery: error: {unknown}", file=sys.stderr)
+        return 2
     args = parser.parse_args(argv)
+    args.debug = debug
+    if args.command is None:
+        parser.print_help()
+        return 0
     try:
         # SIGTERM (a timeout, a service manager) would end the process where it stands and leave
         # a partial directory for the next run to remove; unwinding removes it now.

@@ -13,38 +13,50 @@ import os
 import sys
 import tempfile
 
+from .cli import human_bytes
 from .inspect import inspect_package, render_text
 from .merge import merge
 from .synth import build_llm_like
-from .verify import verify
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m milsurgery.demo", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--keep", metavar="DIR", help="build in DIR (kept) instead of a temporary directory")
+    parser.add_argument("--keep", metavar="DIR", help="build in DIR (kept) instead of a temporary directory removed on exit")
     args = parser.parse_args(argv)
-    with tempfile.TemporaryDirectory(prefix="milsurgery-demo-") as tmp:
-        work = args.keep or tmp
-        os.makedirs(work, exist_ok=True)
-        infer = os.path.join(work, "infer.mlpackage")
-        prefill = os.path.join(work, "prefill.mlpackage")
-        out = os.path.join(work, "llm.mlpackage")
-        for path, seq in ((infer, 1), (prefill, 16)):
-            build_llm_like(path, seq_lens=seq, hidden=256, layers=8, seed=0, force=True)
-            print(f"built {path}: {os.path.getsize(os.path.join(path, 'Data/com.apple.CoreML/weights/weight.bin'))} bytes of weights")
-        print(f"\n$ milsurgery merge -o {out} {infer}:main=infer {prefill}:main=prefill --verify")
-        report = merge([f"{infer}:main=infer", f"{prefill}:main=prefill"], out, force=True, verify=True)
-        print(
-            f"merged {len(report.functions)} functions: {report.blobs_written} blobs written, "
-            f"{report.blobs_coalesced} coalesced ({report.bytes_coalesced} bytes not duplicated), "
-            f"weight.bin {report.bytes_written} bytes, {report.seconds:.3f} s"
-        )
-        check = verify(out, [f"{infer}:main=infer", f"{prefill}:main=prefill"])
-        print(f"verify: {check.summary()}")
-        print(f"\n$ milsurgery inspect {out}")
-        print(render_text(inspect_package(out)))
+    try:
+        if args.keep:
+            os.makedirs(args.keep, exist_ok=True)
+            _run(args.keep, kept=True)
+        else:
+            with tempfile.TemporaryDirectory(prefix="milsurgery-demo-") as tmp:
+                _run(tmp, kept=False)
+    except BrokenPipeError:  # output piped to a command that stopped reading (| head)
+        # Point stdout at /dev/null so the interpreter's final flush does not fail again.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
     return 0
 
+
+def _run(work: str, kept: bool) -> None:
+    infer = os.path.join(work, "infer.mlpackage")
+    prefill = os.path.join(work, "prefill.mlpackage")
+    out = os.path.join(work, "llm.mlpackage")
+    where = "kept after the demo" if kept else "a temporary directory removed when the demo ends; --keep DIR keeps the packages"
+    print(f"working in {work}: {where}")
+    for path, seq in ((infer, 1), (prefill, 16)):
+        build_llm_like(path, seq_lens=seq, hidden=256, layers=8, seed=0, force=True)
+        size = os.path.getsize(os.path.join(path, "Data/com.apple.CoreML/weights/weight.bin"))
+        print(f"built {path}: {human_bytes(size)} of weights")
+    print(f"\n$ milsurgery merge -o {out} {infer}:main=infer {prefill}:main=prefill --verify")
+    report = merge([f"{infer}:main=infer", f"{prefill}:main=prefill"], out, force=True, verify=True)
+    print(
+        f"merged {len(report.functions)} functions: weight.bin {human_bytes(report.bytes_written)}, "
+        f"{report.blobs_written} blobs written, {report.blobs_coalesced} identical to a blob already stored "
+        f"({human_bytes(report.bytes_coalesced)} not written again), {report.seconds:.3f} s"
+    )
+    print(f"verified: {report.verified['summary']}")
+    print(f"\n$ milsurgery inspect {out}")
+    print(render_text(inspect_package(out)))
+    sys.stdout.flush()
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -8,6 +8,7 @@ The dictionary :func:`inspect_package` returns is the stable ``--json`` output (
 from __future__ import annotations
 
 import os
+import sys
 from itertools import combinations
 
 from ._proto import milsurgery_spec_pb2 as pb
@@ -15,30 +16,43 @@ from .coalesce import BlobSource, group_identical
 from .package import Package
 from .spec import op_type_histogram
 
-__all__ = ["inspect_package", "render_text", "feature_summary", "JSON_SCHEMA_VERSION"]
+__all__ = ["inspect", "inspect_package", "render_text", "feature_summary", "shape_text", "JSON_SCHEMA_VERSION"]
 
 #: Bumped when a key of the JSON output changes meaning or disappears (additions keep it).
-JSON_SCHEMA_VERSION = 1
+#: 2: a feature's ``shape`` is a list (ranges as ``{"min", "max"}`` objects), not a string.
+JSON_SCHEMA_VERSION = 2
 
 _ARRAY_TYPES = {65568: "fp32", 65600: "fp64", 131104: "int32", 131080: "int8", 65552: "fp16"}
 
 
-def _shape_text(arr: pb.ArrayFeatureType) -> str:
+def _shape(arr: pb.ArrayFeatureType, out: dict) -> None:
+    """Set ``out["shape"]``: a list of sizes, a flexible size as ``{"min", "max"}`` (``max`` None
+    when unbounded), None when unspecified; enumerated shapes also list ``shapes``."""
     kind = arr.WhichOneof("ShapeFlexibility")
     if kind == "shapeRange":
-        dims = [
-            f"{r.lowerBound}..{'inf' if r.upperBound < 0 else r.upperBound}"
-            if r.upperBound != r.lowerBound
-            else str(r.lowerBound)
+        out["shape"] = [
+            r.lowerBound if r.upperBound == r.lowerBound
+            else {"min": r.lowerBound, "max": None if r.upperBound < 0 else r.upperBound}
             for r in arr.shapeRange.sizeRanges
         ]
-        return "[" + ", ".join(dims) + "]"
-    if not arr.shape and kind is None:
-        return "[unspecified]"
-    shape = "[" + ", ".join(str(d) for d in arr.shape) + "]"
+        return
+    out["shape"] = None if not arr.shape and kind is None else list(arr.shape)
     if kind == "enumeratedShapes":
-        shape += f" (one of {len(arr.enumeratedShapes.shapes)} shapes)"
-    return shape
+        out["shapes"] = [list(s.shape) for s in arr.enumeratedShapes.shapes]
+
+
+def shape_text(feature: dict) -> str:
+    """A feature's shape as text: ``[1..4096, 1024]``, ``[1, 3] (one of 2 shapes)``."""
+    shape = feature.get("shape")
+    if shape is None:
+        return "[unspecified]"
+    dims = [
+        f"{d['min']}..{'inf' if d['max'] is None else d['max']}" if isinstance(d, dict) else str(d) for d in shape
+    ]
+    text = "[" + ", ".join(dims) + "]"
+    if "shapes" in feature:
+        text += f" (one of {len(feature['shapes'])} shapes)"
+    return text
 
 
 def feature_summary(fd: pb.FeatureDescription) -> dict:
@@ -52,10 +66,10 @@ def feature_summary(fd: pb.FeatureDescription) -> dict:
     elif kind == "stateType" and t.stateType.WhichOneof("Type") == "arrayType":
         arr = t.stateType.arrayType
     elif kind == "imageType":
-        out["shape"] = f"[{t.imageType.height}, {t.imageType.width}]"
+        out["shape"] = [t.imageType.height, t.imageType.width]
         out["dtype"] = pb.ImageFeatureType.ColorSpace.Name(t.imageType.colorSpace) if t.imageType.colorSpace in pb.ImageFeatureType.ColorSpace.values() else str(t.imageType.colorSpace)
     if arr is not None:
-        out["shape"] = _shape_text(arr)
+        _shape(arr, out)
         out["dtype"] = _ARRAY_TYPES.get(arr.dataType, str(arr.dataType))
     out["optional"] = bool(t.isOptional)
     return out
@@ -66,7 +80,7 @@ def _feature_text(f: dict) -> str:
     if "dtype" in f:
         bits.append(f["dtype"])
     if "shape" in f:
-        bits.append(f["shape"])
+        bits.append(shape_text(f))
     if f["optional"]:
         bits.append("(optional)")
     return " ".join(bits)
@@ -195,8 +209,9 @@ def _size(n: int) -> str:
     raise AssertionError
 
 
-def render_text(info: dict) -> str:
-    """The human-readable form of :func:`inspect_package`'s result."""
+def render_text(info: dict, *, all_ops: bool = False) -> str:
+    """The human-readable form of :func:`inspect_package`'s result (``all_ops``: every op type,
+    not only the 8 most used)."""
     lines = [f"{info['path']}", f"  spec version {info['spec_version']}, default function {info['default_function']!r}"]
     if info["mixed_opsets"]:
         lines.append("  note: functions use different opsets")
@@ -208,9 +223,10 @@ def render_text(info: dict) -> str:
         for label, key in (("input", "inputs"), ("output", "outputs"), ("state", "states")):
             for feat in f[key]:
                 lines.append(f"    {label} {_feature_text(feat)}")
-        top = ", ".join(f"{k} {v}" for k, v in list(f["op_types"].items())[:8])
-        more = len(f["op_types"]) - 8
-        lines.append(f"    ops: {top}{f', +{more} more types' if more > 0 else ''}")
+        shown = len(f["op_types"]) if all_ops else 8
+        top = ", ".join(f"{k} {v}" for k, v in list(f["op_types"].items())[:shown])
+        more = len(f["op_types"]) - shown
+        lines.append(f"    ops: {top}{f', +{more} more types (--all-ops lists them)' if more > 0 else ''}")
     for wf in info["weight_files"]:
         lines.append(f"  weights {wf['path']}: {wf['blobs']} blobs, {_size(wf['file_bytes'])}")
         for dtype, d in wf["by_dtype"].items():
@@ -233,3 +249,15 @@ def render_text(info: dict) -> str:
     for k, v in meta["userDefined"].items():
         lines.append(f"  userDefined {k}: {v}")
     return "\n".join(lines)
+
+
+class _CallableModule(type(os)):
+    """``milsurgery.inspect`` is this module and, called, :func:`inspect_package`, so the command
+    is a function of its name while ``import milsurgery.inspect`` keeps working."""
+
+    def __call__(self, path: str | os.PathLike, *, duplicates: bool = True) -> dict:
+        return inspect_package(path, duplicates=duplicates)
+
+
+sys.modules[__name__].__class__ = _CallableModule
+inspect = sys.modules[__name__]

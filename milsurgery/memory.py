@@ -67,7 +67,9 @@ def memory_model(
     page_size: int = 4096,
     duplicates: bool = True,
 ) -> dict:
-    """Model the weight memory of loading ``order``'s functions one at a time (see module doc)."""
+    """Model the weight memory of loading ``order``'s functions one at a time (see module doc).
+
+    Functions ``order`` does not name are loaded after it, in the package's order."""
     if isinstance(package, Package):
         return _model(package, order, page_size, duplicates)
     with Package(package) as pkg:
@@ -81,6 +83,7 @@ def _model(pkg: Package, order, page_size: int, find_duplicates: bool) -> dict:
             raise UsageError(f"{pkg.path}: no function {name!r} (it has {pkg.functions})")
     if len(set(order)) != len(order):
         raise UsageError(f"load order names a function twice: {order}")
+    order += [name for name in pkg.functions if name not in order]
     blobs: dict[str, dict[tuple[str, int], object]] = {}
     for name in order:
         blobs[name] = {(r.ref.file_name, r.blob.record_offset): r for r in pkg.function_refs(name)}

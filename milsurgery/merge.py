@@ -3,14 +3,28 @@
 from __future__ import annotations
 
 import os
+import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
 from .assemble import Pick, Progress, WriteReport, write_package
 from .errors import UsageError
-from .package import Package
+from .package import Package, package_path
 
-__all__ = ["SourceSpec", "parse_source", "resolve_sources", "merge"]
+__all__ = ["SourceSpec", "parse_source", "resolve_sources", "merge", "check_function_name"]
+
+#: A MIL identifier, the form coremltools gives every function, op and variable name.
+_IDENTIFIER = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+
+
+def check_function_name(name: str) -> str:
+    """Return ``name`` if it is a MIL identifier (a letter or ``_``, then letters, digits or ``_``);
+    raise :class:`UsageError` naming it otherwise."""
+    if not isinstance(name, str) or not _IDENTIFIER.fullmatch(name):
+        raise UsageError(
+            f"function name {name!r} is not a MIL identifier (a letter or _, then letters, digits or _)"
+        )
+    return name
 
 
 @dataclass(frozen=True)
@@ -31,9 +45,16 @@ class SourceSpec:
 
 
 def parse_source(text: str | os.PathLike | SourceSpec) -> SourceSpec:
-    """Parse ``PATH[:FUNC[=NEW]]``. A path that itself contains ``:`` is taken whole if it exists."""
+    """Parse ``PATH[:FUNC[=NEW]]``. A path that itself contains ``:`` is taken whole if it exists.
+
+    Also takes a coremltools ``MLModel`` of a package (all its functions) and a tuple
+    ``(path or MLModel, FUNC)`` or ``(path or MLModel, FUNC, NEW)``."""
     if isinstance(text, SourceSpec):
         return text
+    if type(text).__name__ == "MLModel":  # a coremltools model: every function of its package
+        return SourceSpec(package_path(text))
+    if isinstance(text, tuple) and len(text) in (2, 3):  # (package or MLModel, FUNC[, NEW])
+        return SourceSpec(package_path(text[0]), text[1], check_function_name(text[2]) if len(text) == 3 else None)
     text = os.fspath(text)
     if not isinstance(text, str) or not text:
         raise UsageError(f"source must be a non-empty path, got {text!r}")
@@ -43,6 +64,11 @@ def parse_source(text: str | os.PathLike | SourceSpec) -> SourceSpec:
     func, eq, new = func.partition("=")
     if not func or (eq and not new):
         raise UsageError(f"source {text!r}: expected PATH[:FUNC[=NEW]]")
+    if eq:
+        try:
+            check_function_name(new)
+        except UsageError as exc:
+            raise UsageError(f"source {text!r}: {exc}") from None
     return SourceSpec(path, func, new if eq else None)
 
 
@@ -52,6 +78,8 @@ def resolve_sources(
     """Open each distinct package once (adding it to ``opened``) and list the picked functions."""
     picks: list[Pick] = []
     for spec in map(parse_source, specs):
+        if spec.new_name is not None:
+            check_function_name(spec.new_name)
         key = os.path.realpath(spec.path)
         pkg = opened.get(key)
         if pkg is None:
@@ -82,7 +110,8 @@ def merge(
     complete or not at all. With ``verify``, the written package is checked against its sources
     (graphs equal except blob offsets, referenced bytes equal) before it is moved into place; a
     difference raises :class:`milsurgery.verify.VerificationFailed`, nothing appears at ``out``
-    and a package that ``force`` would have replaced is left as it was. ``sync=False`` skips
+    and a package that ``force`` would have replaced is left as it was; on success the report's
+    ``verified`` holds the verification report (with a one-line ``summary``). ``sync=False`` skips
     flushing the output to disk: it still appears whole to other programs, but a power loss or
     system crash soon after may leave it incomplete.
     """
@@ -90,12 +119,16 @@ def merge(
     try:
         picks = resolve_sources(sources, opened)
         check = None
+        checked = []
         if verify:
             from .verify import verify_staged
 
             dest = os.path.abspath(os.fspath(out))
-            check = lambda staged: verify_staged(staged, dest, picks)  # noqa: E731
-        return write_package(out, picks, default=default, force=force, sync=sync, progress=progress, check=check)
+            check = lambda staged: checked.append(verify_staged(staged, dest, picks))  # noqa: E731
+        report = write_package(out, picks, default=default, force=force, sync=sync, progress=progress, check=check)
+        if checked:
+            report.verified = dict(checked[0].to_dict(), summary=checked[0].summary())
+        return report
     finally:
         for pkg in opened.values():
             pkg.close()

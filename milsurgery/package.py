@@ -31,6 +31,7 @@ from .errors import (
     PackageError,
     SpecError,
     UnsafePathError,
+    UsageError,
     WriteError,
 )
 from .formats import (
@@ -96,6 +97,18 @@ def _inside(path: str, root: str) -> bool:
     return path == root or path.startswith(root.rstrip(os.sep) + os.sep)
 
 
+def package_path(obj) -> str:
+    """The path of a package given as a path, or as a ``coremltools.models.MLModel`` of an ML
+    program (its ``package_path``: where it was loaded from, or the package it saves). No I/O."""
+    if isinstance(obj, (str, os.PathLike)):
+        return os.fspath(obj)
+    if type(obj).__name__ == "MLModel" and hasattr(obj, "package_path"):
+        if not obj.package_path:
+            raise UsageError(f"{obj!r:.80}: this MLModel is not an ML-program package (.mlpackage)")
+        return os.fspath(obj.package_path)
+    raise UsageError(f"expected a package path or a coremltools MLModel, got {type(obj).__name__}")
+
+
 class Package:
     """An opened, validated ``.mlpackage``.
 
@@ -107,7 +120,7 @@ class Package:
     """
 
     def __init__(self, path: str | os.PathLike):
-        self.path = os.path.abspath(os.fspath(path))
+        self.path = os.path.abspath(package_path(path))
         self.blob_files: dict[str, BlobFile] = {}
         try:
             self._open()
@@ -403,7 +416,7 @@ class StagedPackage:
         self.sync = sync
         parent = os.path.dirname(self.dest)
         if os.path.lexists(self.dest) and not force:
-            raise DestinationExistsError(f"{self.dest}: already exists (use --force to replace it)")
+            raise DestinationExistsError(f"{self.dest}: already exists (replace it with --force, in Python force=True)")
         if not os.path.isdir(parent):
             raise WriteError(f"{self.dest}: parent directory {parent} does not exist")
         remove_stale_partials(self.dest)

@@ -22,7 +22,7 @@ from .blobfile import BlobWriter, restore_blob_file
 from .coalesce import BlobSource, Stats, group_identical
 from .errors import UsageError
 from .formats import DEFAULT_WEIGHT_REF, MAIN_FUNCTION, MULTIFUNCTION_SPEC_VERSION
-from .merge import SourceSpec, resolve_sources
+from .merge import SourceSpec, check_function_name, resolve_sources
 from .package import PARTIAL_MARKER, Package
 from .spec import iter_blob_refs
 
@@ -61,9 +61,9 @@ def shrink(
     (new output only) skips flushing the output to disk.
     """
     if (out is None) == (not in_place):
-        raise UsageError("shrink needs exactly one of an output path (-o) or --in-place")
+        raise UsageError("shrink needs exactly one of an output path (-o OUT, in Python out) or --in-place (in_place=True)")
     if in_place and not sync:
-        raise UsageError("--no-sync applies to a new output, not to --in-place: an in-place edit is always flushed")
+        raise UsageError("--no-sync (sync=False) applies to a new output, not to an in-place edit, which is always flushed")
     with Package(package) as pkg:
         picks = [Pick(pkg, f, f) for f in pkg.functions]
         if not in_place:
@@ -124,6 +124,8 @@ def _split_rename(text: str) -> tuple[str, str | None]:
 def parse_rename(items: Sequence[str] | Mapping[str, str]) -> dict[str, str]:
     """``["OLD=NEW", ...]`` (or a mapping) as a dict, refusing malformed or repeated entries."""
     if isinstance(items, Mapping):
+        for new in items.values():
+            check_function_name(new)
         return dict(items)
     mapping: dict[str, str] = {}
     for item in items:
@@ -132,6 +134,7 @@ def parse_rename(items: Sequence[str] | Mapping[str, str]) -> dict[str, str]:
             raise UsageError(f"{item!r}: expected OLD=NEW")
         if old in mapping:
             raise UsageError(f"function {old!r} is renamed twice")
+        check_function_name(new)
         mapping[old] = new
     return mapping
 
@@ -161,7 +164,7 @@ def remove(
             if pkg.default_function in functions:
                 raise UsageError(
                     f"{pkg.path}: {pkg.default_function!r} is the default function; name the new "
-                    f"default with --default (one of {keep})"
+                    f"default with --default (in Python default=; one of {keep})"
                 )
             default = pkg.default_function
         picks = [Pick(pkg, f, f) for f in keep]
@@ -294,5 +297,6 @@ def _append(pkg: Package, sources, opened, progress, start) -> WriteReport:
     report.bytes_coalesced = sum(incoming[i - n_old].blob.size for i in first.values() if canonical[i] != i)
     report.bytes_read = stats.bytes_read + appended
     report.bytes_written = appended
+    report.weight_file_bytes = os.path.getsize(target.path)
     report.seconds = time.perf_counter() - start
     return report

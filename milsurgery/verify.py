@@ -90,8 +90,9 @@ class VerifyReport:
         bad_attrs = [a for a in self.attributes if not a.equivalent]
         if bad_attrs:
             return f"{self.package}: {bad_attrs[0].difference}"
-        attrs = f" and {len(self.attributes)} program attributes holding blobs" if self.attributes else ""
-        return f"{self.package}: {len(self.checks)} functions{attrs} equivalent to their sources"
+        attrs = f" and {len(self.attributes)} program attribute{'s' if len(self.attributes) != 1 else ''} holding blobs" if self.attributes else ""
+        n = len(self.checks)
+        return f"{self.package}: {n} function{'s' if n != 1 else ''}{attrs} equivalent to {'their sources' if n != 1 else 'its source'}"
 
     def to_dict(self) -> dict:
         return {
@@ -181,18 +182,46 @@ def _block_difference(a: pb.Block, b: pb.Block, where: str) -> str | None:
     return None
 
 
+def _feature_text(fd: pb.FeatureDescription) -> str:
+    from .inspect import feature_summary
+
+    f = feature_summary(fd)
+    from .inspect import shape_text
+
+    bits = [f["type"]] + ([f["dtype"]] if "dtype" in f else []) + ([shape_text(f)] if "shape" in f else [])
+    return " ".join(bits + (["optional"] if f["optional"] else []))
+
+
 def _description_differences(a: pb.FunctionDescription, b: pb.FunctionDescription) -> list[str]:
+    """Each input, output or state that differs, by name, with both sides' type and shape."""
     out = []
     for name in ("input", "output", "state"):
-        if list(getattr(a, name)) != list(getattr(b, name)):
-            out.append(f"description {name} differs")
+        mine, theirs = list(getattr(a, name)), list(getattr(b, name))
+        if mine == theirs:
+            continue
+        by_name = {f.name: f for f in theirs}
+        for i, f in enumerate(mine):
+            other = by_name.get(f.name)
+            if other is None:
+                out.append(f"{name} {f.name!r} ({_feature_text(f)}) is not in the source")
+            elif other != f:
+                a_text, b_text = _feature_text(f), _feature_text(other)
+                if a_text == b_text:
+                    a_text, b_text = str(f).replace("\n", " "), str(other).replace("\n", " ")
+                out.append(f"{name} {f.name!r}: {a_text} here, {b_text} in the source")
+            elif theirs.index(other) != i:
+                out.append(f"{name} {f.name!r} is at position {i}, at {theirs.index(other)} in the source")
+        names = {f.name for f in mine}
+        for f in theirs:
+            if f.name not in names:
+                out.append(f"{name} {f.name!r} ({_feature_text(f)}) of the source is missing")
     for name in ("predictedFeatureName", "predictedProbabilitiesName"):
         if getattr(a, name) != getattr(b, name):
             out.append(f"description {name} differs")
     return out
 
 
-def _check(pkg: Package, name: str, pick: Pick) -> FunctionCheck:
+def _check(pkg: Package, name: str, pick: Pick, progress=None, done: list | None = None, total: int = 0) -> FunctionCheck:
     src = pick.source
     check = FunctionCheck(function=name, source=f"{src.path}:{pick.name}")
     mine, theirs = pkg.function(name), src.function(pick.name)
@@ -212,6 +241,9 @@ def _check(pkg: Package, name: str, pick: Pick) -> FunctionCheck:
             seen[key] = blobs_equal(a, b)
             check.blobs_compared += 1
             check.bytes_compared += ra.blob.size
+            if progress is not None and done is not None:
+                done[0] += ra.blob.size
+                progress("verifying", done[0], total)
         if not seen[key]:
             r = ra.ref
             check.differences.append(
@@ -252,28 +284,42 @@ def _check_attributes(pkg: Package, sources: Sequence[Package]) -> list[Attribut
     return checks
 
 
-def verify_picks(pkg: Package, picks: Sequence[Pick]) -> VerifyReport:
+def verify_picks(pkg: Package, picks: Sequence[Pick], progress=None) -> VerifyReport:
     """Check each pick's ``new_name`` function of ``pkg`` against its source function, and the
-    program attributes of ``pkg`` holding blob references against the picks' sources'."""
+    program attributes of ``pkg`` holding blob references against the picks' sources'.
+
+    Reads every referenced blob of both sides once per distinct pair; ``progress(phase, done,
+    total)`` is called with the bytes compared so far."""
     checks = []
     for pick in picks:
         if pick.new_name not in pkg.functions:
             raise UsageError(f"{pkg.path}: no function {pick.new_name!r} to verify (it has {pkg.functions})")
-        checks.append(_check(pkg, pick.new_name, pick))
+    total = 0
+    if progress is not None:
+        for pick in picks:
+            pairs = {(BlobSource(ra.file, ra.blob).key, BlobSource(rb.file, rb.blob).key): ra.blob.size
+                     for ra, rb in zip(pkg.function_refs(pick.new_name), pick.source.function_refs(pick.name))}
+            total += sum(pairs.values())
+    done = [0]
+    for pick in picks:
+        checks.append(_check(pkg, pick.new_name, pick, progress, done, total))
     return VerifyReport(pkg.path, checks, _check_attributes(pkg, distinct_sources(list(picks))))
 
 
-def verify(package: str | os.PathLike, against: Sequence[str | os.PathLike | SourceSpec]) -> VerifyReport:
+def verify(
+    package: str | os.PathLike, against: Sequence[str | os.PathLike | SourceSpec], *, progress=None
+) -> VerifyReport:
     """Verify functions of ``package`` against sources given as ``SRC[:FUNC[=NEW]]``.
 
     ``SRC`` alone checks every function of SRC under its own name; ``SRC:FUNC=NEW`` checks the
     package's function NEW against SRC's FUNC. Raises :class:`MilSurgeryError` on bad input.
+    ``progress(phase, done, total)``, if given, is called with the bytes compared so far.
     """
     opened: dict[str, Package] = {}
     try:
         with Package(package) as pkg:
             picks = resolve_sources(against, opened)
-            return verify_picks(pkg, picks)
+            return verify_picks(pkg, picks, progress)
     finally:
         for p in opened.values():
             p.close()
