@@ -7,6 +7,7 @@ byte-exactly, and copies weight bytes file to file so memory stays flat.
 
 from .assemble import Pick, WriteReport, write_package
 from .blobfile import Blob, BlobFile, BlobWriter
+from .completion import completion
 from .errors import (
     BlobFileError,
     DestinationExistsError,
@@ -49,6 +50,7 @@ __all__ = [
     "WriteError",
     "WriteReport",
     "append",
+    "completion",
     "extract",
     "inspect",
     "inspect_package",

@@ -221,11 +221,9 @@ def cmd_verify(args) -> int:
 
 
 def cmd_completion(args) -> int:
-    try:
-        import shtab
-    except ImportError:
-        raise UsageError("shell completion needs shtab: pip install 'milsurgery[completion]'") from None
-    sys.stdout.write(shtab.complete(build_parser(), shell=args.shell))
+    from .completion import completion
+
+    sys.stdout.write(completion(args.shell))
     return 0
 
 

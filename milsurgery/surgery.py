@@ -63,7 +63,7 @@ def shrink(
     if (out is None) == (not in_place):
         raise UsageError("shrink needs exactly one of an output path (-o OUT, in Python out) or --in-place (in_place=True)")
     if in_place and not sync:
-        raise UsageError("--no-sync (sync=False) applies to a new output, not to an in-place edit, which is always flushed")
+        raise UsageError("--no-sync (sync=False) applies to a new output, not to --in-place (in_place=True): an in-place edit is always flushed")
     with Package(package) as pkg:
         picks = [Pick(pkg, f, f) for f in pkg.functions]
         if not in_place:

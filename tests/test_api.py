@@ -11,11 +11,25 @@ from milsurgery.cli import build_parser
 def test_every_command_is_a_public_function():
     parser = build_parser()
     commands = next(a for a in parser._actions if a.dest == "command").choices
-    names = {"inspect": "inspect_package"}
     for command in commands:
-        name = names.get(command, command)
-        assert name in milsurgery.__all__, command
-        assert callable(getattr(milsurgery, name)), command
+        assert command in milsurgery.__all__, command
+        assert callable(getattr(milsurgery, command)), command
+
+
+def test_inspect_is_the_function_and_still_the_module(tmp_path):
+    """``milsurgery.inspect(path)`` is ``inspect_package(path)``; ``import milsurgery.inspect``
+    still gives the module with its helpers."""
+    import importlib
+
+    import numpy as np
+
+    import minipkg
+
+    pkg = minipkg.make(tmp_path / "a.mlpackage", {"main": [("float16", np.ones((4, 4), np.float16))]})
+    module = importlib.import_module("milsurgery.inspect")
+    assert milsurgery.inspect is module and callable(module.render_text)
+    assert milsurgery.inspect(pkg) == milsurgery.inspect_package(pkg)
+    assert milsurgery.inspect(pkg)["functions"][0]["name"] == "main"
 
 
 def test_all_names_exist():

@@ -109,7 +109,7 @@ def test_cli_json_and_text(crepe):
     out = subprocess.run([sys.executable, "-m", "milsurgery", "inspect", crepe, "--json"], capture_output=True, text=True, env=env)
     assert out.returncode == 0, out.stderr
     info = json.loads(out.stdout)
-    assert info["schema"] == 1 and info["functions"][0]["name"] == "main"
+    assert info["schema"] == 2 and info["functions"][0]["name"] == "main"
     text = subprocess.run([sys.executable, "-m", "milsurgery", "inspect", crepe], capture_output=True, text=True, env=env)
     assert "function 'main' (default): opset CoreML6, 161 ops, 38 blobs" in text.stdout
 

@@ -55,9 +55,9 @@ def test_page_granular_union(pkg3):
 
 def test_load_order_changes_what_each_function_adds(pkg3):
     m = memory_model(pkg3, ["b", "a"], duplicates=False)
-    b, a = m["functions"]
+    b, a, c = m["functions"]  # c, not named, is loaded after the functions named
     assert (b["added_bytes"], a["added_bytes"]) == (10000, 4000)
-    assert m["sharing_defeated"] is None and m["order"] == ["b", "a"]
+    assert m["sharing_defeated"] is None and m["order"] == ["b", "a", "c"] and c["name"] == "c"
     with pytest.raises(UsageError, match="no function 'nope'"):
         memory_model(pkg3, ["nope"])
 

@@ -214,7 +214,7 @@ def test_verify_finds_a_changed_program_attribute_blob(attr_pair, tmp_path, caps
     assert [c.key for c in bad] == ["extra"] and not report.equivalent
     assert report.summary().endswith(bad[0].difference)
     assert main(["verify", out, "--against", *specs]) == 1
-    assert "program attribute 'extra': DIFFERS" in capsys.readouterr().out
+    assert "program attribute 'extra': differs" in capsys.readouterr().out
 
 
 def test_merge_verify_catches_a_fault_in_an_attribute_blob(attr_pair, tmp_path, monkeypatch):

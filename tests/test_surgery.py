@@ -251,7 +251,7 @@ def test_verify_reports_a_byte_difference(merged_crepe, crepe, tmp_path):
     env = dict(os.environ, PYTHONPATH=ROOT)
     run = subprocess.run([sys.executable, "-m", "milsurgery", "verify", str(bad), "--against", f"{crepe}:main=infer"],
                          capture_output=True, text=True, env=env)
-    assert run.returncode == 1 and "DIFFERS" in run.stdout
+    assert run.returncode == 1 and "infer: differs from " in run.stdout
     run = subprocess.run([sys.executable, "-m", "milsurgery", "verify", merged_crepe, "--against", f"{crepe}:main=infer", f"{crepe}:main=prefill"],
                          capture_output=True, text=True, env=env)
     assert run.returncode == 0, run.stdout + run.stderr
