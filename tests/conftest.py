@@ -18,12 +18,24 @@ CREPE_CANDIDATES = [
 ]
 
 
-@pytest.fixture(scope="session")
-def crepe() -> str:
+#: The one skip message of every test that needs crepe-tiny.mlpackage.
+CREPE_MISSING = "crepe-tiny.mlpackage not found in ../shared/models/ beside the checkout (set MILSURGERY_CREPE to its path)"
+
+
+def find_crepe() -> str | None:
+    """The path of crepe-tiny.mlpackage, or None when it is absent."""
     for path in CREPE_CANDIDATES:
         if path and os.path.isdir(path):
             return os.path.abspath(path)
-    pytest.skip("crepe-tiny.mlpackage not found (set MILSURGERY_CREPE to its path)")
+    return None
+
+
+@pytest.fixture(scope="session")
+def crepe() -> str:
+    path = find_crepe()
+    if path is None:
+        pytest.skip(CREPE_MISSING)
+    return path
 
 
 @pytest.fixture

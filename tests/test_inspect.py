@@ -60,14 +60,11 @@ def save_multifunction_pair(tmp_path_factory, ):
     """Two functions made by coremltools' save_multifunction from crepe-tiny."""
     import coremltools as ct
 
-    crepe_path = None
-    from conftest import CREPE_CANDIDATES
+    from conftest import CREPE_MISSING, find_crepe
 
-    for c in CREPE_CANDIDATES:
-        if c and os.path.isdir(c):
-            crepe_path = c
+    crepe_path = find_crepe()
     if crepe_path is None:
-        pytest.skip("crepe-tiny.mlpackage not found")
+        pytest.skip(CREPE_MISSING)
     out = str(tmp_path_factory.mktemp("smf") / "pair.mlpackage")
     desc = ct.utils.MultiFunctionDescriptor()
     desc.add_function(crepe_path, "main", "first")

@@ -25,7 +25,7 @@ from checks import (
     read_record,
     weights_dir,
 )
-from conftest import CREPE_CANDIDATES, tree_digest
+from conftest import CREPE_MISSING, find_crepe, tree_digest
 from milsurgery import Package, UsageError, merge
 from milsurgery.merge import parse_source
 
@@ -46,9 +46,8 @@ def fx(tmp_path_factory):
         "pal_prefill": ct_models.palettized(p("pal_prefill"), seed=0, seq_len=64),
     }
     out["multi"] = ct_models.multifunction(p("multi"), {"a": (out["infer"], "main"), "b": (out["other"], "main")})
-    for c in CREPE_CANDIDATES:
-        if c and os.path.isdir(c):
-            out["crepe"] = os.path.abspath(c)
+    if find_crepe() is not None:
+        out["crepe"] = find_crepe()
     return out
 
 
@@ -90,7 +89,7 @@ CASES = {
 def test_merge_matches_sources_and_beats_reference(fx, tmp_path, case):
     picks = CASES[case]
     if any(src not in fx for src, _, _ in picks):
-        pytest.skip("crepe-tiny.mlpackage not available")
+        pytest.skip(CREPE_MISSING)
     sources = [(fx[src], fn, new) for src, fn, new in picks]
     before = {path: tree_digest(path) for path, _, _ in sources}
     out = str(tmp_path / "merged.mlpackage")
