@@ -20,7 +20,7 @@ from .errors import (
     UsageError,
     WriteError,
 )
-from . import inspect
+from . import coreml, inspect
 from .inspect import inspect_package
 from .memory import memory_model
 from .merge import merge, parse_source
