@@ -80,7 +80,7 @@ def _print_report(report, quiet: bool, as_json: bool, *, appended: bool = False)
         f"{', '.join(report.functions)} (default {report.default_function!r}), spec version {report.spec_version}"
     )
     reused = (
-        f"{report.blobs_coalesced} identical to a blob already stored, not written again ({human_bytes(report.bytes_coalesced)})"
+        f"{report.blobs_coalesced} already stored (identical bytes), not written again ({human_bytes(report.bytes_coalesced)})"
     )
     if appended:
         print(
