@@ -126,7 +126,6 @@ def cmd_inspect(args) -> int:
 def cmd_merge(args) -> int:
     from .merge import merge
 
-    _warn_suffix(args.output)
     return _run_writer(
         args, lambda bar: merge(
             args.sources, args.output, default=args.default, force=args.force, sync=not args.no_sync,
@@ -142,6 +141,7 @@ def _run_writer(args, call, *, appended: bool = False) -> int:
     finally:
         bar.finish()
     _print_report(report, args.quiet, args.json, appended=appended)
+    _warn_suffix(getattr(args, "output", None))  # after success, so a failure stays one line
     return 0
 
 
@@ -150,14 +150,12 @@ def cmd_shrink(args) -> int:
 
     if args.output is None and not args.in_place:
         raise UsageError("shrink needs -o OUT or --in-place")
-    _warn_suffix(args.output)
     return _run_writer(args, lambda bar: shrink(args.package, args.output, in_place=args.in_place, force=args.force, sync=not args.no_sync, progress=bar))
 
 
 def cmd_extract(args) -> int:
     from .surgery import extract
 
-    _warn_suffix(args.output)
     return _run_writer(
         args,
         lambda bar: extract(
@@ -170,7 +168,6 @@ def cmd_extract(args) -> int:
 def cmd_remove(args) -> int:
     from .surgery import remove
 
-    _warn_suffix(args.output)
     return _run_writer(
         args, lambda bar: remove(
             args.package, args.functions, args.output, default=args.default, force=args.force, sync=not args.no_sync,
@@ -182,7 +179,6 @@ def cmd_remove(args) -> int:
 def cmd_rename(args) -> int:
     from .surgery import rename
 
-    _warn_suffix(args.output)
     return _run_writer(args, lambda bar: rename(args.package, args.mapping, args.output, force=args.force, sync=not args.no_sync, progress=bar))
 
 

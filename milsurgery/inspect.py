@@ -232,7 +232,7 @@ def render_text(info: dict, *, all_ops: bool = False) -> str:
         for dtype, d in wf["by_dtype"].items():
             lines.append(f"    {dtype}: {d['blobs']} blobs, {_size(d['bytes'])}")
         if wf["trailing_bytes"]:
-            lines.append(f"    {wf['trailing_bytes']} bytes after the last blob")
+            lines.append(f"    {_size(wf['trailing_bytes'])} after the last blob")
     for s in info["shared"]:
         a, b = s["functions"]
         lines.append(f"  shared by {a!r} and {b!r}: {s['blobs']} blobs, {_size(s['bytes'])}")

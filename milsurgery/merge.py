@@ -124,7 +124,7 @@ def merge(
             from .verify import verify_staged
 
             dest = os.path.abspath(os.fspath(out))
-            check = lambda staged: checked.append(verify_staged(staged, dest, picks))  # noqa: E731
+            check = lambda staged: checked.append(verify_staged(staged, dest, picks, progress))  # noqa: E731
         report = write_package(out, picks, default=default, force=force, sync=sync, progress=progress, check=check)
         if checked:
             report.verified = dict(checked[0].to_dict(), summary=checked[0].summary())

@@ -325,7 +325,7 @@ def verify(
             p.close()
 
 
-def verify_staged(staged: str, dest: str, picks: Sequence[Pick]) -> VerifyReport:
+def verify_staged(staged: str, dest: str, picks: Sequence[Pick], progress=None) -> VerifyReport:
     """Verify a package written to the staging directory ``staged`` that is to become ``dest``.
 
     Raises :class:`VerificationFailed` if it differs from its sources, or the error that opening
@@ -337,7 +337,7 @@ def verify_staged(staged: str, dest: str, picks: Sequence[Pick]) -> VerifyReport
 
     try:
         with Package(staged) as pkg:
-            report = verify_picks(pkg, picks)
+            report = verify_picks(pkg, picks, progress)
     except MilSurgeryError as exc:  # same class, so callers catch what they would have
         if isinstance(exc, FormatError):
             exc.path = renamed(exc.path)

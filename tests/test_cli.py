@@ -299,3 +299,17 @@ def test_demo_into_a_closed_pipe_and_keep(tmp_path):
     r = subprocess.run([sys.executable, "-m", "milsurgery.demo", "--keep", str(keep)], capture_output=True, text=True, env=env)
     assert r.returncode == 0, r.stderr
     assert milsurgery.verify(str(keep / "llm.mlpackage"), [f"{keep}/infer.mlpackage:main=infer", f"{keep}/prefill.mlpackage:main=prefill"]).equivalent
+
+
+def test_merge_verify_reports_progress_of_both_phases(pkgs, tmp_path):
+    calls = []
+    milsurgery.merge([f"{pkgs['infer']}:main=infer", f"{pkgs['prefill']}:main=prefill"], str(tmp_path / "m.mlpackage"),
+                     verify=True, progress=lambda phase, done, total: calls.append((phase, done, total)))
+    phases = [p for p, _, _ in calls]
+    assert phases[0] == "copying" and phases[-1] == "verifying" and set(phases) == {"copying", "verifying"}
+    assert calls[-1][1] == calls[-1][2] > 0  # verification ends at 100%
+
+
+def test_failed_command_with_odd_output_name_is_one_line(pkgs, tmp_path):
+    r = run("merge", "-o", str(tmp_path / "out.bin"), f"{pkgs['infer']}:main=x", f"{pkgs['prefill']}:main=x")
+    assert r.returncode == 2 and r.stderr.count("\n") == 1 and "two functions" in r.stderr
