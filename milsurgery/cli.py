@@ -108,7 +108,11 @@ def cmd_inspect(args) -> int:
 
     if args.order and not args.memory:
         raise UsageError("--order sets the load order of --memory; add --memory")
-    info = inspect_package(args.package, duplicates=not args.no_duplicates)
+    bar = ProgressBar(True)  # drawn on a terminal only, on stderr: --json output is unaffected
+    try:
+        info = inspect_package(args.package, duplicates=not args.no_duplicates, progress=bar)
+    finally:
+        bar.finish()
     if args.memory:
         from .memory import memory_model, render_memory_text
 

@@ -242,17 +242,24 @@ def _resolve(
                 reps.append(i)
 
 
-def group_identical(sources: Sequence[BlobSource], stats: Stats | None = None) -> list[int]:
+def group_identical(sources: Sequence[BlobSource], stats: Stats | None = None, progress=None) -> list[int]:
     """For each source, the index of the first source with identical content (itself if none).
 
     Only blobs whose (dtype, size, padding) collide are looked at. Three or more such blobs are
     first split by a sample digest (a few KiB of each); then any two candidates left are compared
     byte by byte, and three or more are hashed in full, equal hashes confirmed by comparing
-    bytes. :class:`ConcurrentGrouping` does the same while a writer copies.
+    bytes. :class:`ConcurrentGrouping` does the same while a writer copies. ``progress(phase,
+    done, total)``, if given, is called after each candidate set with the data bytes of the sets
+    settled so far.
     """
     plan = _plan(sources, stats)
+    total = sum(sources[i].blob.size for members in plan.candidate_sets for i in members)
+    done = 0
     for members in plan.candidate_sets:
         _resolve(sources, members, plan.canonical, stats)
+        done += sum(sources[i].blob.size for i in members)
+        if progress is not None:
+            progress("comparing", done, total)
     canonical = plan.canonical
     # Point duplicates of a physical blob at the canonical of its first occurrence.
     for i, c in enumerate(canonical):

@@ -86,18 +86,19 @@ def _feature_text(f: dict) -> str:
     return " ".join(bits)
 
 
-def inspect_package(path: str | os.PathLike, *, duplicates: bool = True) -> dict:
+def inspect_package(path: str | os.PathLike, *, duplicates: bool = True, progress=None) -> dict:
     """Describe a package; see README ("inspect --json") for every key.
 
     Blob identity across functions is by (file, offset): two functions share bytes when they
     reference the same record. ``duplicates`` searches for records with identical content at
-    different offsets (what ``shrink`` would recover); it reads the bytes of colliding blobs only.
+    different offsets (what ``shrink`` would recover); it reads the bytes of colliding blobs only,
+    calling ``progress(phase, done, total)`` (bytes), if given, as it goes.
     """
     with Package(path) as pkg:
-        return _inspect(pkg, duplicates)
+        return _inspect(pkg, duplicates, progress)
 
 
-def _inspect(pkg: Package, find_duplicates: bool) -> dict:
+def _inspect(pkg: Package, find_duplicates: bool, progress=None) -> dict:
     files = []
     blob_key = {}
     for name, bf in pkg.blob_files.items():
@@ -159,7 +160,7 @@ def _inspect(pkg: Package, find_duplicates: bool) -> dict:
     if find_duplicates:
         keys = list(blob_key)
         sources = [BlobSource(pkg.blob_files[n], blob_key[(n, o)]) for n, o in keys]
-        canonical = group_identical(sources)
+        canonical = group_identical(sources, progress=progress)
         groups: dict[int, list[int]] = {}
         for i, c in enumerate(canonical):
             groups.setdefault(c, []).append(i)
@@ -255,8 +256,8 @@ class _CallableModule(type(os)):
     """``milsurgery.inspect`` is this module and, called, :func:`inspect_package`, so the command
     is a function of its name while ``import milsurgery.inspect`` keeps working."""
 
-    def __call__(self, path: str | os.PathLike, *, duplicates: bool = True) -> dict:
-        return inspect_package(path, duplicates=duplicates)
+    def __call__(self, path: str | os.PathLike, *, duplicates: bool = True, progress=None) -> dict:
+        return inspect_package(path, duplicates=duplicates, progress=progress)
 
 
 sys.modules[__name__].__class__ = _CallableModule

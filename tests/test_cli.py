@@ -313,3 +313,17 @@ def test_merge_verify_reports_progress_of_both_phases(pkgs, tmp_path):
 def test_failed_command_with_odd_output_name_is_one_line(pkgs, tmp_path):
     r = run("merge", "-o", str(tmp_path / "out.bin"), f"{pkgs['infer']}:main=x", f"{pkgs['prefill']}:main=x")
     assert r.returncode == 2 and r.stderr.count("\n") == 1 and "two functions" in r.stderr
+
+
+def test_inspect_reports_progress_of_the_duplicate_search(tmp_path):
+    import numpy as np
+
+    import minipkg
+
+    w = np.arange(4096, dtype=np.float16).reshape(64, 64)
+    # three same-size blobs, two identical: the sampled pass sets the third aside, the two are compared
+    pkg = minipkg.make(tmp_path / "d.mlpackage", {"main": [("float16", w), ("float16", w), ("float16", w + 1)]})
+    calls = []
+    info = milsurgery.inspect(pkg, progress=lambda phase, done, total: calls.append((phase, done, total)))
+    assert info["duplicate_bytes"] == w.nbytes
+    assert calls and calls[-1] == ("comparing", 2 * w.nbytes, 2 * w.nbytes)
