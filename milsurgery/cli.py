@@ -152,9 +152,19 @@ def _run_writer(args, call, *, appended: bool = False) -> int:
 def cmd_shrink(args) -> int:
     from .surgery import shrink
 
+    from .package import Package
+
     if args.output is None and not args.in_place:
         raise UsageError("shrink needs -o OUT or --in-place")
-    return _run_writer(args, lambda bar: shrink(args.package, args.output, in_place=args.in_place, force=args.force, sync=not args.no_sync, progress=bar))
+    with Package(args.package) as pkg:  # reads the spec and the blob records only
+        before = sum(bf.file_size for bf in pkg.blob_files.values())
+    code = _run_writer(args, lambda bar: shrink(args.package, args.output, in_place=args.in_place, force=args.force, sync=not args.no_sync, progress=bar))
+    if not (args.quiet or args.json):
+        after = args.output if args.output is not None else args.package
+        with Package(after) as pkg:
+            now = sum(bf.file_size for bf in pkg.blob_files.values())
+        print(f"  weights {human_bytes(before)} before, {human_bytes(now)} after: {human_bytes(before - now)} recovered")
+    return code
 
 
 def cmd_extract(args) -> int:

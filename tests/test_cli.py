@@ -327,3 +327,19 @@ def test_inspect_reports_progress_of_the_duplicate_search(tmp_path):
     info = milsurgery.inspect(pkg, progress=lambda phase, done, total: calls.append((phase, done, total)))
     assert info["duplicate_bytes"] == w.nbytes
     assert calls and calls[-1] == ("comparing", 2 * w.nbytes, 2 * w.nbytes)
+
+
+def test_shrink_summary_says_what_it_recovered(tmp_path):
+    import numpy as np
+
+    import minipkg
+
+    w = np.arange(4096, dtype=np.float16).reshape(64, 64)
+    pkg = minipkg.make(tmp_path / "d.mlpackage", {"main": [("float16", w), ("float16", w)]}, extra_blobs=[("float16", w + 1)])
+    before = os.path.getsize(_weight_bin(pkg))
+    out = str(tmp_path / "s.mlpackage")
+    r = run("shrink", pkg, "-o", out)
+    assert r.returncode == 0, r.stderr
+    after = os.path.getsize(_weight_bin(out))
+    assert before - after == 2 * (64 + w.nbytes)  # one duplicate and one unreferenced record
+    assert f"  weights {human_bytes(before)} before, {human_bytes(after)} after: {human_bytes(before - after)} recovered" in r.stdout
