@@ -3,6 +3,11 @@
 Exit status: 0 success; 1 ``verify`` found a difference; 2 any error (one line on stderr,
 ``milsurgery: error: ...``; ``--debug`` adds the traceback); 130 interrupted (SIGINT), 143
 terminated (SIGTERM), partial outputs removed.
+
+A command is a ``cmd_NAME(args)`` function calling the library's public function of that name,
+and an :func:`add_command` call in :func:`build_parser` with a one-line summary, a description
+and examples; every argument has a help text (tests/test_cli.py checks both). Commands that read
+or write a lot pass a :class:`ProgressBar` as the library's ``progress`` callback.
 """
 
 from __future__ import annotations
@@ -10,6 +15,7 @@ from __future__ import annotations
 import argparse
 import difflib
 import json
+import os
 import signal
 import sys
 import time
@@ -483,7 +489,11 @@ def main(argv: list[str] | None = None) -> int:
             outcome = "no output was written"
         print(f"milsurgery: {word}; {outcome}", file=sys.stderr)
         return 128 + signum
-    except BrokenPipeError:
+    except BrokenPipeError:  # output piped to a command that stopped reading (| head)
+        try:  # so the interpreter's final flush of stdout does not fail again
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        except (OSError, ValueError):  # stdout is not a file descriptor (captured in-process)
+            pass
         return 0
     finally:
         if previous_term is not None:
