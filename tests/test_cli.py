@@ -71,11 +71,12 @@ def test_mistyped_command_suggests_the_closest():
 
 
 def test_every_command_option_and_argument_has_help_and_examples():
+    how = "create it with cli.add_command(sub, name, summary, description, examples)"
     for name, sub in _subparsers(build_parser()).items():
-        assert sub.description, name
-        assert sub.epilog and sub.epilog.startswith("examples:\n  milsurgery " + name), name
+        assert sub.description, f"command {name!r} has no description: {how}"
+        assert sub.epilog and sub.epilog.startswith("examples:\n  milsurgery " + name), f"command {name!r} has no examples: {how}"
         for action in sub._actions:
-            assert action.help, f"{name} {action.dest}"
+            assert action.help, f"{name}: argument {action.dest!r} has no help text"
         for line in sub.epilog.splitlines()[1:]:  # every example parses
             words = line.split("#")[0].split()[1:]
             words = [w for w in words if w != ">" and not w.endswith((".bash", "_milsurgery"))]
