@@ -171,3 +171,17 @@ def test_every_readme_command_runs(workdir):
         pkg = str(workdir / name)
         assert checks.ct_load_program(pkg).functions, name
         assert checks.ct_read_referenced_blobs(pkg) > 0, name
+
+
+def test_plan_reads_expected_exit_status_and_refuses_unknown_lines():
+    text = (
+        "<!-- test-command -->\n```sh\npython3 -m venv .venv && .venv/bin/python -m pytest -q\n```\n"
+        "```sh\nmilsurgery diff a.mlpackage b.mlpackage  # exit 1\nmilsurgery inspect a.mlpackage  # a comment\n```\n"
+        "```text\nmilsurgery inspect PKG [--json]\n```\n"
+    )
+    assert [(kind, code, expect) for kind, code, expect, _ in plan(text)] == [
+        ("sh", "milsurgery diff a.mlpackage b.mlpackage", 1),
+        ("sh", "milsurgery inspect a.mlpackage", 0),
+    ]
+    with pytest.raises(AssertionError, match="README line 13: rm -rf x"):
+        plan(text + "```sh\nrm -rf x\n```\n")
