@@ -118,7 +118,6 @@ def test_guide_example_with_one_line_changed(guide, monkeypatch):
 
 
 @pytest.mark.skipif(not os.access(VALIDATOR, os.X_OK), reason="coreml-validate not found in ../shared/tools/")
-@pytest.mark.xfail(strict=True, reason="merge keeps model-level I/O in multi-function specs, which the validator rejects (being fixed in assemble)")
 def test_guide_output_passes_apples_validator(guide, tmp_path):
     out = str(tmp_path / "combined.mlpackage")
     desc = milsurgery.coreml.MultiFunctionDescriptor()
@@ -127,6 +126,11 @@ def test_guide_output_passes_apples_validator(guide, tmp_path):
     desc.default_function_name = "adapter_1"
     milsurgery.coreml.save_multifunction(desc, out)
     run = subprocess.run([VALIDATOR, checks.spec_path(out)], capture_output=True, text=True)
+    if run.returncode != 0 and checks.ct_spec(out).description.input:
+        # Known: merge still writes the first source's model-level I/O beside the functions'
+        # descriptions, which the validator rejects; any other complaint fails here.
+        assert "must not use top level input feature description" in run.stdout + run.stderr, run.stdout + run.stderr
+        pytest.xfail("merge writes model-level I/O into multi-function specs (validator rejects it)")
     assert run.returncode == 0, run.stdout + run.stderr
 
 
