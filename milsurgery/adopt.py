@@ -1,0 +1,488 @@
+"""Near-duplicate adoption: a weight of one function is written as references to the blobs of an
+almost identical weight of the anchor function.
+
+:func:`plan_adoption` takes the functions a command is about to write and:
+
+1. lists every function's weights (:func:`milsurgery.dequant.find_weights`, spec only) and gives
+   each a structural key: the producing ops' types, their non-blob inputs and attributes, their
+   output types and each blob's dtype and shape, with names left out. Only weights with equal
+   keys can pair, so adoption never changes anything in a graph but blob references;
+2. takes a cheap sketch of each candidate weight (a few hundred dequantized values from rows
+   spread along axis 0) and, for each target weight, ranks the anchor's weights of the same key
+   by sketch distance (names with a trailing ``_N`` stripped break ties; they never decide);
+3. for the best-ranked candidates, compares the blobs byte by byte (byte-identical weights are
+   left to exact coalescing) and otherwise computes the full metrics over the whole dequantized
+   tensors in bounded windows with float64 accumulation; the best candidate meeting every
+   threshold is adopted, otherwise the weight is reported as rejected with the metric that failed;
+4. returns the mapping of references (output function, op, location) -> the anchor's blob, which
+   :func:`milsurgery.assemble.write_package` applies before coalescing (the writer is unchanged),
+   and records the adoption in the output's metadata (``userDefined["milsurgery.adopted"]``).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import re
+import time
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+
+import numpy as np
+
+from ._proto import milsurgery_spec_pb2 as pb
+from .coalesce import BlobSource, blobs_equal
+from .dequant import Weight, check_weight, find_weights, iter_values, sample_values
+from .errors import UsageError
+from .package import ResolvedRef
+from .spec import BlobRef, blanked_value
+
+__all__ = [
+    "Thresholds",
+    "Metrics",
+    "Adoption",
+    "Rejection",
+    "AdoptReport",
+    "AdoptPlan",
+    "METADATA_KEY",
+    "compare_weights",
+    "render_report",
+    "structure_key",
+    "plan_adoption",
+]
+
+#: The ``userDefined`` metadata key recording what adoption did to a package.
+METADATA_KEY = "milsurgery.adopted"
+#: Candidates (best sketch first) whose full metrics are computed for one target weight.
+CANDIDATES = 2
+#: Values in a weight's sketch.
+SKETCH_VALUES = 256
+
+
+@dataclass(frozen=True)
+class Thresholds:
+    """What a near-duplicate must meet: all given must hold."""
+
+    min_cosine: float = 0.9999
+    max_mean_abs: float = 1e-3
+    max_abs: float | None = None
+
+    def __post_init__(self) -> None:
+        def bad(name: str, value, rule: str) -> UsageError:
+            return UsageError(f"{name} (--{name.replace('_', '-')}) must be {rule}, got {value!r}")
+
+        c = self.min_cosine
+        if not isinstance(c, (int, float)) or isinstance(c, bool) or not -1.0 <= c <= 1.0:
+            raise bad("min_cosine", c, "a number from -1 to 1")
+        for name in ("max_mean_abs", "max_abs"):
+            v = getattr(self, name)
+            if v is None and name == "max_abs":
+                continue
+            if not isinstance(v, (int, float)) or isinstance(v, bool) or not (math.isfinite(v) and v >= 0):
+                raise bad(name, v, "a finite number >= 0")
+
+    def failure(self, m: Metrics) -> str | None:
+        """The first threshold ``m`` does not meet, in words, or None if it meets them all."""
+        if not m.cosine >= self.min_cosine:
+            return f"cosine {m.cosine:.9g} < min_cosine {self.min_cosine:g}"
+        if not m.mean_abs <= self.max_mean_abs:
+            return f"mean |delta| {m.mean_abs:.6g} > max_mean_abs {self.max_mean_abs:g}"
+        if self.max_abs is not None and not m.max_abs <= self.max_abs:
+            return f"max |delta| {m.max_abs:.6g} > max_abs {self.max_abs:g}"
+        return None
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass
+class Metrics:
+    """How far a target weight's values are from an anchor's (delta = anchor - target)."""
+
+    cosine: float
+    mean_abs: float
+    max_abs: float
+    rel_rms: float  # sqrt(sum delta^2 / sum target^2)
+    elements: int
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    def text(self) -> str:
+        return (f"cosine {self.cosine:.9f}, mean |delta| {self.mean_abs:.3g}, max |delta| {self.max_abs:.3g}, "
+                f"relative RMS {self.rel_rms:.3g}")
+
+
+def compare_weights(anchor: Weight, target: Weight) -> Metrics:
+    """Metrics over the whole dequantized tensors, window by window (float64 accumulation;
+    memory bounded by the window). Both weights must have the same shape."""
+    if anchor.shape != target.shape:
+        raise UsageError(f"{anchor.describe()} and {target.describe()} have different shapes")
+    dot = na = nt = sq = sabs = 0.0
+    mx = 0.0
+    n = 0
+    for a, t in zip(iter_values(anchor), iter_values(target)):
+        d = a - t
+        dot += float(np.dot(a, t))
+        na += float(np.dot(a, a))
+        nt += float(np.dot(t, t))
+        sq += float(np.dot(d, d))
+        ad = np.abs(d)
+        sabs += float(ad.sum())
+        mx = max(mx, float(ad.max())) if ad.size else mx
+        if np.isnan(d).any():
+            mx = math.nan
+        n += a.size
+    if na == 0.0 and nt == 0.0:
+        cosine = 1.0
+    elif na == 0.0 or nt == 0.0:
+        cosine = 0.0
+    else:
+        cosine = dot / math.sqrt(na * nt)
+    rel = math.sqrt(sq / nt) if nt > 0 else (0.0 if sq == 0 else math.inf)
+    return Metrics(cosine, sabs / n if n else 0.0, mx, rel, n)
+
+
+def _ref_slots(w: Weight) -> dict[tuple[int, str], ResolvedRef]:
+    """(index of the op in ``w.ops``, location in the op) -> blob reference."""
+    index = {id(op): i for i, op in enumerate(w.ops)}
+    by_name = {op.outputs[0].name: id(op) for op in w.ops if op.outputs}
+    return {(index[by_name[r.ref.op_name]], r.ref.location): r for r in w.refs}
+
+
+def structure_key(w: Weight) -> bytes:
+    """What must be equal for two weights to pair: op types, non-blob inputs and attributes,
+    output types, and each blob's dtype and shape (blob locations and all names left out)."""
+    h = hashlib.sha256()
+    position = {op.outputs[0].name: i for i, op in enumerate(w.ops) if op.outputs}
+    for op in w.ops:
+        h.update(b"op:" + op.type.encode() + b"\0")
+        for e in sorted(op.inputs, key=lambda e: e.key):
+            h.update(b"in:" + e.key.encode() + b"\0")
+            for b in e.value.arguments:
+                if b.WhichOneof("binding") == "name":
+                    h.update(f"ref:{position.get(b.name, b.name)}\0".encode())
+                else:
+                    h.update(blanked_value(b.value))
+        for e in sorted(op.attributes, key=lambda e: e.key):
+            if e.key != "name":
+                h.update(b"attr:" + e.key.encode() + b"\0" + blanked_value(e.value))
+        for out in op.outputs:
+            h.update(b"out:" + out.type.SerializeToString(deterministic=True))
+    h.update(repr(sorted(_ref_slots(w))).encode())
+    return h.digest()
+
+
+def _base_name(name: str) -> str:
+    return re.sub(r"_\d+$", "", name)
+
+
+@dataclass
+class Adoption:
+    function: str
+    op: str
+    kind: str
+    anchor_function: str
+    anchor_op: str
+    metrics: Metrics
+    bytes_saved: int
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["metrics"] = self.metrics.to_dict()
+        return d
+
+
+@dataclass
+class Rejection:
+    function: str
+    op: str
+    kind: str
+    anchor_function: str
+    anchor_op: str
+    failed: str
+    metrics: Metrics
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["metrics"] = self.metrics.to_dict()
+        return d
+
+
+@dataclass
+class AdoptReport:
+    """What adoption found: every adopted weight, every rejected candidate, totals."""
+
+    anchor: str
+    thresholds: Thresholds
+    adopted: list[Adoption] = field(default_factory=list)
+    rejected: list[Rejection] = field(default_factory=list)
+    weights: int = 0  # weights of the non-anchor functions
+    identical: int = 0  # weights byte-identical to an anchor weight (left to exact coalescing)
+    unpaired: int = 0  # weights with no anchor weight of the same structure
+    seconds: float = 0.0
+    dry_run: bool = False
+
+    @property
+    def bytes_saved(self) -> int:
+        return sum(a.bytes_saved for a in self.adopted)
+
+    def to_dict(self) -> dict:
+        return {
+            "anchor": self.anchor,
+            "thresholds": self.thresholds.to_dict(),
+            "dry_run": self.dry_run,
+            "adopted": [a.to_dict() for a in self.adopted],
+            "rejected": [r.to_dict() for r in self.rejected],
+            "totals": {
+                "weights": self.weights,
+                "adopted": len(self.adopted),
+                "rejected": len(self.rejected),
+                "identical": self.identical,
+                "unpaired": self.unpaired,
+                "bytes_saved": self.bytes_saved,
+                "seconds": self.seconds,
+            },
+        }
+
+    def render_text(self) -> str:
+        return render_report(self.to_dict())
+
+
+def _metrics_text(m: dict) -> str:
+    return (f"cosine {m['cosine']:.9f}, mean |delta| {m['mean_abs']:.3g}, max |delta| {m['max_abs']:.3g}, "
+            f"relative RMS {m['rel_rms']:.3g}")
+
+
+def render_report(d: dict) -> str:
+    """The text form of an :meth:`AdoptReport.to_dict` (what the CLI prints)."""
+    t, tot = d["thresholds"], d["totals"]
+    lines = [
+        f"adoption (anchor function {d['anchor']!r}; min cosine {t['min_cosine']:g}, max mean |delta| "
+        f"{t['max_mean_abs']:g}, max |delta| {'none' if t['max_abs'] is None else format(t['max_abs'], 'g')})"
+        + (": dry run, nothing written" if d["dry_run"] else "")
+    ]
+    for a in d["adopted"]:
+        lines.append(
+            f"  adopted {a['function']}:{a['op']} ({a['kind']}) from {a['anchor_function']}:{a['anchor_op']}: "
+            f"{_metrics_text(a['metrics'])}; {a['bytes_saved']} bytes saved"
+        )
+    for r in d["rejected"]:
+        lines.append(
+            f"  rejected {r['function']}:{r['op']} ({r['kind']}) vs {r['anchor_function']}:{r['anchor_op']}: "
+            f"{r['failed']} ({_metrics_text(r['metrics'])})"
+        )
+    lines.append(
+        f"  totals: {tot['adopted']} adopted ({tot['bytes_saved']} bytes saved), {tot['rejected']} rejected, "
+        f"{tot['identical']} byte-identical, {tot['unpaired']} without a candidate, of {tot['weights']} weights; "
+        f"{tot['seconds']:.2f} s"
+    )
+    return "\n".join(lines)
+
+
+@dataclass
+class AdoptPlan:
+    report: AdoptReport
+    #: (output function, op name, location) -> the anchor's blob that reference is to point at
+    mapping: dict[tuple[str, str, str], ResolvedRef]
+
+    def apply(self, model: pb.Model, pairs: list[tuple[BlobRef, ResolvedRef]]) -> list[tuple[BlobRef, ResolvedRef]]:
+        """Re-point the adopted references of ``pairs`` (output reference, source blob) at the
+        anchor's blobs and record the adoption in ``model``'s metadata."""
+        out = []
+        for new, src in pairs:
+            found = self.mapping.get((new.function, new.op_name, new.location))
+            out.append((new, found if found is not None else src))
+        if self.report.adopted:
+            _record(model, self.report)
+        return out
+
+
+def _record(model: pb.Model, report: AdoptReport) -> None:
+    meta = model.description.metadata
+    prior = {"count": 0, "bytes": 0}
+    for e in list(meta.userDefined):
+        if e.key == METADATA_KEY:
+            try:
+                prior = json.loads(e.value)
+            except ValueError:
+                pass
+            meta.userDefined.remove(e)
+    t = report.thresholds
+    entry = {
+        "count": int(prior.get("count", 0)) + len(report.adopted),
+        "bytes": int(prior.get("bytes", 0)) + report.bytes_saved,
+        "anchor": report.anchor,
+        "min_cosine": t.min_cosine,
+        "max_mean_abs": t.max_mean_abs,
+        "max_abs": t.max_abs,
+    }
+    meta.userDefined.add(key=METADATA_KEY, value=json.dumps(entry, sort_keys=True))
+
+
+class _Sketches:
+    def __init__(self):
+        self._cache: dict[int, np.ndarray] = {}
+
+    def __call__(self, w: Weight) -> np.ndarray:
+        s = self._cache.get(id(w))
+        if s is None:
+            s = self._cache[id(w)] = sample_values(w, SKETCH_VALUES)
+        return s
+
+
+def _distance(a: np.ndarray, b: np.ndarray) -> float:
+    d = float(np.linalg.norm(a - b))
+    return d / (float(np.linalg.norm(b)) + 1e-30) if math.isfinite(d) else math.inf
+
+
+def _blob_pairs(anchor: Weight, target: Weight) -> list[tuple[ResolvedRef, ResolvedRef]]:
+    sa, st = _ref_slots(anchor), _ref_slots(target)
+    return [(sa[k], st[k]) for k in sorted(st)]
+
+
+def plan_adoption(
+    functions: Sequence[tuple[object, str, str]],
+    thresholds: Thresholds,
+    anchor: str | None = None,
+    *,
+    dry_run: bool = False,
+) -> AdoptPlan:
+    """Decide which weights adopt which: ``functions`` lists (package, source function name,
+    output function name) in output order; the anchor is the first or the one named ``anchor``
+    (an output name). Reads the spec, the sketches' rows, and for each candidate pair the blobs
+    (byte comparison) and, unless identical, both weights whole in windows."""
+    start = time.perf_counter()
+    names = [f[2] for f in functions]
+    if anchor is None:
+        anchor = names[0]
+    if anchor not in names:
+        raise UsageError(f"anchor function {anchor!r} is not among the output functions {names}")
+    pkg_a, src_a, _ = functions[names.index(anchor)]
+    report = AdoptReport(anchor, thresholds, dry_run=dry_run)
+    mapping: dict[tuple[str, str, str], ResolvedRef] = {}
+    pool: dict[bytes, list[Weight]] = {}
+    for w in find_weights(pkg_a, src_a):
+        pool.setdefault(structure_key(w), []).append(w)
+    sketch = _Sketches()
+    checked: set[int] = set()
+
+    def checked_weight(w: Weight) -> None:
+        if id(w) not in checked:
+            check_weight(w)
+            checked.add(id(w))
+
+    for pkg, src, out_name in functions:
+        if out_name == anchor:
+            continue
+        for w in find_weights(pkg, src):
+            report.weights += 1
+            candidates = pool.get(structure_key(w), [])
+            if not candidates:
+                report.unpaired += 1
+                continue
+            if any(all(ra.file is rt.file and ra.blob.record_offset == rt.blob.record_offset
+                       for ra, rt in _blob_pairs(c, w)) for c in candidates):
+                report.identical += 1  # already the very same blobs
+                continue
+            checked_weight(w)
+            for c in candidates:
+                checked_weight(c)
+            mine = sketch(w)
+            base = _base_name(w.name)
+            ranked = sorted(candidates, key=lambda c: (_distance(sketch(c), mine), _base_name(c.name) != base))
+            best: tuple[Weight, Metrics, int] | None = None
+            first_fail: tuple[Weight, Metrics, str] | None = None
+            identical = False
+            for c in ranked[:CANDIDATES]:
+                pairs = _blob_pairs(c, w)
+                same = {}
+                for ra, rt in pairs:
+                    key = (id(rt.file), rt.blob.record_offset)
+                    if key not in same:
+                        same[key] = (rt.blob.size, blobs_equal(BlobSource(ra.file, ra.blob), BlobSource(rt.file, rt.blob)))
+                if all(eq for _, eq in same.values()):
+                    identical = True
+                    break
+                m = compare_weights(c, w)
+                failed = thresholds.failure(m)
+                if failed is None:
+                    saved = sum(size for size, eq in same.values() if not eq)
+                    if best is None or (m.cosine, -m.mean_abs) > (best[1].cosine, -best[1].mean_abs):
+                        best = (c, m, saved)
+                elif first_fail is None:
+                    first_fail = (c, m, failed)
+            if identical:
+                report.identical += 1
+                continue
+            if best is None:
+                c, m, failed = first_fail
+                report.rejected.append(Rejection(out_name, w.name, w.kind, anchor, c.name, failed, m))
+                continue
+            c, m, saved = best
+            report.adopted.append(Adoption(out_name, w.name, w.kind, anchor, c.name, m, saved))
+            for (ra, rt) in _blob_pairs(c, w):
+                mapping[(out_name, rt.ref.op_name, rt.ref.location)] = ra
+    report.seconds = time.perf_counter() - start
+    return AdoptPlan(report, mapping)
+
+
+def adoption_options(
+    adopt: bool,
+    anchor: str | None,
+    min_cosine: float | None,
+    max_mean_abs: float | None,
+    max_abs: float | None,
+    dry_run: bool,
+) -> Thresholds | None:
+    """Check the adoption keywords of ``merge``/``shrink``: the thresholds (defaults filled in)
+    with ``adopt``, None without it; options that only make sense with ``adopt`` are refused."""
+    if not adopt:
+        given = [n for n, v in (("anchor", anchor), ("min_cosine", min_cosine), ("max_mean_abs", max_mean_abs),
+                                ("max_abs", max_abs)) if v is not None] + (["dry_run"] if dry_run else [])
+        if given:
+            raise UsageError(f"--{given[0].replace('_', '-')} applies only with --adopt")
+        return None
+    defaults = Thresholds()
+    return Thresholds(
+        defaults.min_cosine if min_cosine is None else min_cosine,
+        defaults.max_mean_abs if max_mean_abs is None else max_mean_abs,
+        max_abs,
+    )
+
+
+def plan_for_picks(picks, thresholds: Thresholds, anchor: str | None, dry_run: bool = False) -> AdoptPlan:
+    """:func:`plan_adoption` for the picks (:class:`milsurgery.assemble.Pick`) of a writer."""
+    return plan_adoption([(p.source, p.name, p.new_name) for p in picks], thresholds, anchor, dry_run=dry_run)
+
+
+def weight_differences(pkg, function: str, src, src_function: str, differing, tolerance: Thresholds | None, check):
+    """For ``verify``: explain blobs of ``pkg``'s ``function`` that differ from the source's.
+
+    Differing references that belong to a weight are judged per weight: its values are compared
+    with the source weight's (full metrics); with ``tolerance`` met, the weight is added to
+    ``check.tolerated``, otherwise one difference naming the op and its metrics is added to
+    ``check.differences``. Returns the (output, source) reference pairs that belong to no weight,
+    for the caller to report as plain blob differences.
+    """
+    mine = {op.outputs[0].name: w for w in find_weights(pkg, function) for op in w.ops if op.outputs}
+    theirs = {op.outputs[0].name: w for w in find_weights(src, src_function) for op in w.ops if op.outputs}
+    left, judged = [], []
+    for ra, rb in differing:
+        wa, wb = mine.get(ra.ref.op_name), theirs.get(rb.ref.op_name)
+        if wa is None or wb is None or wa.name != wb.name or wa.shape != wb.shape:
+            left.append((ra, rb))
+        elif all(w is not wa for w in judged):
+            judged.append(wa)
+            m = compare_weights(wa, wb)
+            failed = tolerance.failure(m) if tolerance is not None else "no tolerance given"
+            entry = {"op": wa.name, "kind": wa.kind, "metrics": m.to_dict()}
+            if failed is None:
+                check.tolerated.append(entry)
+            else:
+                check.differences.append(
+                    f"function {function!r} op {wa.name!r} ({wa.op_type}): values differ from the source's "
+                    f"({m.text()}; {failed})"
+                )
+    return left
