@@ -35,6 +35,7 @@ from ._proto import milsurgery_spec_pb2 as pb
 from .coalesce import BlobSource, blobs_equal
 from .dequant import Weight, check_weight, find_weights, iter_values, sample_values
 from .errors import UsageError
+from .formats import ADOPTED_METADATA_KEY
 from .package import ResolvedRef
 from .spec import BlobRef, blanked_value
 
@@ -53,7 +54,7 @@ __all__ = [
 ]
 
 #: The ``userDefined`` metadata key recording what adoption did to a package.
-METADATA_KEY = "milsurgery.adopted"
+METADATA_KEY = ADOPTED_METADATA_KEY
 #: Candidates (best sketch first) whose full metrics are computed for one target weight.
 CANDIDATES = 2
 #: Values in a weight's sketch.
