@@ -365,66 +365,61 @@ def plan_adoption(
     mapping: dict[tuple[str, str, str], ResolvedRef] = {}
     pool: dict[bytes, list[Weight]] = {}
     for w in find_weights(pkg_a, src_a):
+        check_weight(w)
         pool.setdefault(structure_key(w), []).append(w)
     sketch = _Sketches()
-    checked: set[int] = set()
-
-    def checked_weight(w: Weight) -> None:
-        if id(w) not in checked:
-            check_weight(w)
-            checked.add(id(w))
-
+    targets = []
     for pkg, src, out_name in functions:
-        if out_name == anchor:
+        if out_name != anchor:
+            for w in find_weights(pkg, src):
+                check_weight(w)  # every weight's ops are consistent before anything is decided
+                targets.append((out_name, w))
+
+    for out_name, w in targets:
+        report.weights += 1
+        candidates = pool.get(structure_key(w), [])
+        if not candidates:
+            report.unpaired += 1
             continue
-        for w in find_weights(pkg, src):
-            report.weights += 1
-            candidates = pool.get(structure_key(w), [])
-            if not candidates:
-                report.unpaired += 1
-                continue
-            if any(all(ra.file is rt.file and ra.blob.record_offset == rt.blob.record_offset
-                       for ra, rt in _blob_pairs(c, w)) for c in candidates):
-                report.identical += 1  # already the very same blobs
-                continue
-            checked_weight(w)
-            for c in candidates:
-                checked_weight(c)
-            mine = sketch(w)
-            base = _base_name(w.name)
-            ranked = sorted(candidates, key=lambda c: (_distance(sketch(c), mine), _base_name(c.name) != base))
-            best: tuple[Weight, Metrics, int] | None = None
-            first_fail: tuple[Weight, Metrics, str] | None = None
-            identical = False
-            for c in ranked[:CANDIDATES]:
-                pairs = _blob_pairs(c, w)
-                same = {}
-                for ra, rt in pairs:
-                    key = (id(rt.file), rt.blob.record_offset)
-                    if key not in same:
-                        same[key] = (rt.blob.size, blobs_equal(BlobSource(ra.file, ra.blob), BlobSource(rt.file, rt.blob)))
-                if all(eq for _, eq in same.values()):
-                    identical = True
-                    break
-                m = compare_weights(c, w)
-                failed = thresholds.failure(m)
-                if failed is None:
-                    saved = sum(size for size, eq in same.values() if not eq)
-                    if best is None or (m.cosine, -m.mean_abs) > (best[1].cosine, -best[1].mean_abs):
-                        best = (c, m, saved)
-                elif first_fail is None:
-                    first_fail = (c, m, failed)
-            if identical:
-                report.identical += 1
-                continue
-            if best is None:
-                c, m, failed = first_fail
-                report.rejected.append(Rejection(out_name, w.name, w.kind, anchor, c.name, failed, m))
-                continue
-            c, m, saved = best
-            report.adopted.append(Adoption(out_name, w.name, w.kind, anchor, c.name, m, saved))
-            for (ra, rt) in _blob_pairs(c, w):
-                mapping[(out_name, rt.ref.op_name, rt.ref.location)] = ra
+        if any(all(ra.file is rt.file and ra.blob.record_offset == rt.blob.record_offset
+                   for ra, rt in _blob_pairs(c, w)) for c in candidates):
+            report.identical += 1  # already the very same blobs
+            continue
+        mine = sketch(w)
+        base = _base_name(w.name)
+        ranked = sorted(candidates, key=lambda c: (_distance(sketch(c), mine), _base_name(c.name) != base))
+        best: tuple[Weight, Metrics, int] | None = None
+        first_fail: tuple[Weight, Metrics, str] | None = None
+        identical = False
+        for c in ranked[:CANDIDATES]:
+            pairs = _blob_pairs(c, w)
+            same = {}
+            for ra, rt in pairs:
+                key = (id(rt.file), rt.blob.record_offset)
+                if key not in same:
+                    same[key] = (rt.blob.size, blobs_equal(BlobSource(ra.file, ra.blob), BlobSource(rt.file, rt.blob)))
+            if all(eq for _, eq in same.values()):
+                identical = True
+                break
+            m = compare_weights(c, w)
+            failed = thresholds.failure(m)
+            if failed is None:
+                saved = sum(size for size, eq in same.values() if not eq)
+                if best is None or (m.cosine, -m.mean_abs) > (best[1].cosine, -best[1].mean_abs):
+                    best = (c, m, saved)
+            elif first_fail is None:
+                first_fail = (c, m, failed)
+        if identical:
+            report.identical += 1
+            continue
+        if best is None:
+            c, m, failed = first_fail
+            report.rejected.append(Rejection(out_name, w.name, w.kind, anchor, c.name, failed, m))
+            continue
+        c, m, saved = best
+        report.adopted.append(Adoption(out_name, w.name, w.kind, anchor, c.name, m, saved))
+        for (ra, rt) in _blob_pairs(c, w):
+            mapping[(out_name, rt.ref.op_name, rt.ref.location)] = ra
     report.seconds = time.perf_counter() - start
     return AdoptPlan(report, mapping)
 

@@ -42,23 +42,24 @@ def linear_weights(seed: int, shapes, nudge: float = 0.0) -> list[np.ndarray]:
     return out
 
 
-def linears(path: str, weights, *, target: str = "iOS18", extra_op: bool = False, seq: int = 1) -> str:
-    """x (seq, in) -> linear(W0) -> relu -> linear(W1) ...; ``extra_op`` adds a leading op that
-    shifts every auto-generated name. Weights are (out, in) float16 arrays."""
+def linears(path: str, weights, *, target: str = "iOS18", extra_op: bool = False, seq: int = 1,
+            order: list[int] | None = None) -> str:
+    """x (seq, in) -> one relu(linear(x, W)) output per weight, in ``order`` (default: as given).
+
+    ``extra_op`` adds a leading op, which shifts auto-generated names; ``order`` reorders the ops,
+    so the same weight gets another name. Weights are (out, in) float16 arrays of one ``in``."""
     import coremltools as ct
     from coremltools.converters.mil import Builder as mb
     from coremltools.converters.mil.mil import types
 
     tgt = {"iOS16": ct.target.iOS16, "iOS18": ct.target.iOS18}[target]
+    order = list(range(len(weights))) if order is None else order
 
     @mb.program(input_specs=[mb.TensorSpec(shape=(seq, weights[0].shape[1]), dtype=types.fp32)], opset_version=tgt)
     def prog(x):
         if extra_op:
-            x = mb.mul(x=x, y=np.float32(1.0))
-        for w in weights:
-            x = mb.linear(x=x, weight=w.astype(np.float32))
-            x = mb.relu(x=x)
-        return x
+            x = mb.mul(x=x, y=np.float32(0.5))
+        return tuple(mb.relu(x=mb.linear(x=x, weight=weights[i].astype(np.float32))) for i in order)
 
     model = ct.convert(prog, convert_to="mlprogram", minimum_deployment_target=tgt,
                        compute_precision=ct.precision.FLOAT16)
