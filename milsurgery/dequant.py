@@ -656,15 +656,26 @@ def check_weight(w: Weight) -> None:
 
 def iter_values(w: Weight, window: int = WINDOW_ELEMENTS) -> Iterator[np.ndarray]:
     """The weight's materialized values as flat float64 arrays, in C order, about ``window``
-    elements at a time (at least one row along axis 0). Reads each blob byte about once."""
+    elements at a time (at least one row along axis 0). Reads each blob byte about once.
+
+    Each op is computed in float64 and the result rounded once to the weight's type (float16 or
+    float32), the tensor Core ML materializes; the values are then handed out as float64."""
     node = _node_of(w)
+    store = _FLOAT_TYPES.get(w.dtype)
+
+    def materialized(values) -> np.ndarray:
+        values = np.asarray(values)
+        if store is not None:
+            values = values.astype(store)
+        return values.astype(np.float64, copy=False).reshape(-1)
+
     if not node.shape:
-        yield np.asarray(node.whole(), dtype=np.float64).reshape(1)
+        yield materialized(node.whole())
         return
     rows = node.shape[0]
     step = max(1, window // max(1, _rowlen(node.shape)))
     for r0 in range(0, rows, step):
-        yield node.rows(r0, min(rows, r0 + step)).astype(np.float64, copy=False).reshape(-1)
+        yield materialized(node.rows(r0, min(rows, r0 + step)))
 
 
 def dequantize(w: Weight) -> np.ndarray:
@@ -684,5 +695,6 @@ def sample_values(w: Weight, count: int = 256) -> np.ndarray:
     per_row = min(n, max(1, count // min(rows, count)))
     picks = np.unique(np.linspace(0, rows - 1, num=min(rows, max(1, count // per_row))).astype(np.int64))
     cols = np.unique(np.linspace(0, n - 1, num=per_row).astype(np.int64))
-    out = [node.rows(int(r), int(r) + 1).reshape(-1)[cols].astype(np.float64) for r in picks]
+    store = _FLOAT_TYPES.get(w.dtype, np.float64)
+    out = [node.rows(int(r), int(r) + 1).reshape(-1)[cols].astype(store).astype(np.float64) for r in picks]
     return np.concatenate(out)

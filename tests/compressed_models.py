@@ -112,3 +112,42 @@ def compress(src: str, dest: str, kind: str) -> str:
         raise ValueError(kind)
     out.save(dest)
     return dest
+
+
+def ct_value(var):
+    """A variable's value as coremltools evaluates it (op value inference, recursively for chains
+    whose intermediate op coremltools does not materialize by itself)."""
+    if var.val is not None:
+        return var.val
+    op = var.op
+    index = list(op.outputs).index(var)
+    try:
+        value = op.materialized_val_inference()
+    except AttributeError:
+        assert op.op_type == "constexpr_lut_to_dense", op.op_type
+        axis = None if op.vector_axis is None else op.vector_axis.val
+        value = type(op).decompress(ct_value(op.indices), ct_value(op.lut), axis)
+    return value[index] if isinstance(value, tuple) else value
+
+
+def ct_function_weights(pkg_path: str, function: str) -> dict:
+    """Name -> (float64 values, op type chain) of every blob-held weight a linear op consumes, as
+    coremltools' milproto loader and its op value inference see them."""
+    from checks import ct_load_program
+
+    ops = ct_load_program(pkg_path).functions[function].operations
+    out = {}
+    for op in ops:
+        if op.op_type != "linear":
+            continue
+        for v in (op.weight, op.bias):
+            if v.op.op_type == "const" and v.val.size < 10:
+                continue  # stored inline, not a blob
+            chain, stack = [], [v.op]
+            while stack:
+                o = stack.pop()
+                chain.append(o.op_type)
+                stack.extend(i.op for i in o.inputs.values() if hasattr(i, "op") and i.op is not None
+                             and i.op.op_type.startswith(("const", "constexpr_")))
+            out[v.name] = (np.asarray(ct_value(v), dtype=np.float64), tuple(sorted(chain)))
+    return out

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 from checks import ct_load_program, spec_path
-from compressed_models import KINDS, compress, linear_weights, linears
+from compressed_models import KINDS, compress, ct_value, linear_weights, linears
 from milsurgery import SpecError
 from milsurgery.cli import main
 from milsurgery.dequant import WINDOW_ELEMENTS, dequantize, find_weights, get_weight, iter_values, sample_values
@@ -29,22 +29,6 @@ def packages(tmp_path_factory):
     d = tmp_path_factory.mktemp("dequant")
     base = {t: linears(str(d / f"base_{t}.mlpackage"), linear_weights(0, SHAPES), target=t) for t in ("iOS16", "iOS18")}
     return {kind: compress(base[target], str(d / f"{kind}.mlpackage"), kind) for kind, target in KINDS.items()}
-
-
-def ct_value(var):
-    """A variable's value as coremltools evaluates it (op value inference, recursively for chains
-    whose intermediate op coremltools does not materialize by itself)."""
-    if var.val is not None:
-        return var.val
-    op = var.op
-    index = list(op.outputs).index(var)
-    try:
-        value = op.materialized_val_inference()
-    except AttributeError:
-        assert op.op_type == "constexpr_lut_to_dense", op.op_type
-        axis = None if op.vector_axis is None else op.vector_axis.val
-        value = type(op).decompress(ct_value(op.indices), ct_value(op.lut), axis)
-    return value[index] if isinstance(value, tuple) else value
 
 
 def ct_weights(pkg_path: str) -> dict:
@@ -72,13 +56,10 @@ def test_dequantize_matches_coremltools(packages, kind):
                 np.testing.assert_array_equal(mine, ref.astype(np.float64))
                 continue
             compressed += 1
-            # coremltools computes in the weight's dtype (fp16); milsurgery in float64. Rounded to
-            # the weight's dtype the two agree to one unit in the last place.
-            rounded = mine.astype(ref.dtype)
-            ulp = np.spacing(np.abs(ref).astype(ref.dtype)).astype(np.float64)
-            assert np.all(np.abs(rounded.astype(np.float64) - ref.astype(np.float64)) <= ulp), kind
-            if "lut" in kind and "scaled" not in kind and "int8lut" not in kind or kind in ("sparse", "sparse_ios16"):
-                np.testing.assert_array_equal(rounded, ref)  # lookups and scatters are exact
+            # Computed in float64 and rounded once to the weight's type, the values are exactly
+            # those coremltools computes in that type.
+            np.testing.assert_array_equal(mine.astype(ref.dtype), ref, err_msg=kind)
+            np.testing.assert_array_equal(mine, ref.astype(np.float64), err_msg=kind)
     assert compressed >= 1, f"{kind}: coremltools compressed nothing"
 
 
