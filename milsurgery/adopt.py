@@ -33,7 +33,17 @@ import numpy as np
 
 from ._proto import milsurgery_spec_pb2 as pb
 from .coalesce import BlobSource, blobs_equal
-from .dequant import Weight, check_weight, find_weights, iter_values, sample_values
+from .dequant import (
+    WINDOW_ELEMENTS,
+    Weight,
+    check_weight,
+    find_weights,
+    group_offsets,
+    iter_values,
+    lut_parts,
+    sample_values,
+    store_type,
+)
 from .errors import UsageError
 from .formats import ADOPTED_METADATA_KEY
 from .package import ResolvedRef
@@ -115,34 +125,103 @@ class Metrics:
                 f"relative RMS {self.rel_rms:.3g}")
 
 
+class _Sums:
+    """Float64 accumulators of the metrics (delta = anchor - target)."""
+
+    def __init__(self):
+        self.dot = self.na = self.nt = self.sq = self.sabs = self.mx = 0.0
+        self.n = 0
+
+    def add_values(self, a: np.ndarray, t: np.ndarray) -> None:
+        d = a - t
+        self.dot += float(a @ t)
+        self.na += float(a @ a)
+        self.nt += float(t @ t)
+        self.sq += float(d @ d)
+        np.abs(d, out=d)
+        self.sabs += float(d.sum())
+        if d.size:
+            self.mx = max(self.mx, float(d.max()))
+        self.n += a.size
+
+    def add_counts(self, counts: np.ndarray, la: np.ndarray, lt: np.ndarray) -> None:
+        """``counts[g, i, j]`` elements have anchor value ``la[g, i]`` and target ``lt[g, j]``."""
+        c = counts.astype(np.float64)
+        a, t = la[:, :, None], lt[:, None, :]
+        d = a - t
+        self.dot += float((c * (a * t)).sum())
+        self.na += float((c.sum(axis=2) * la * la).sum())
+        self.nt += float((c.sum(axis=1) * lt * lt).sum())
+        self.sq += float((c * d * d).sum())
+        ad = np.abs(np.broadcast_to(d, c.shape))
+        self.sabs += float((c * ad).sum())
+        used = ad[counts > 0]
+        if used.size:
+            self.mx = max(self.mx, float(used.max()))
+        self.n += int(counts.sum())
+
+    def metrics(self) -> Metrics:
+        if self.na == 0.0 and self.nt == 0.0:
+            cosine = 1.0
+        elif self.na == 0.0 or self.nt == 0.0:
+            cosine = 0.0
+        else:
+            cosine = self.dot / math.sqrt(self.na * self.nt)
+        rel = math.sqrt(self.sq / self.nt) if self.nt > 0 else (0.0 if self.sq == 0 else math.inf)
+        mx = math.nan if math.isnan(self.sabs) else self.mx
+        return Metrics(cosine, self.sabs / self.n if self.n else 0.0, mx, rel, self.n)
+
+
+#: Largest (groups x palette x palette) histogram per window for the LUT path.
+_MAX_BINS = 1 << 22
+
+
+def _compare_luts(anchor: Weight, target: Weight) -> Metrics | None:
+    """Metrics of two LUT weights of the same structure from a joint histogram of (group, anchor
+    index, target index): values are looked up once per palette entry, not per element."""
+    pa, pt = lut_parts(anchor), lut_parts(target)
+    if pa is None or pt is None or pa[2] != pt[2] or pa[3] != pt[3]:
+        return None
+    rows_a, lut_a, blocks, palette = pa
+    rows_t, lut_t = pt[0], pt[1]
+    store = store_type(anchor) or np.float64
+    shape = anchor.shape
+    n_row = math.prod(shape[1:])
+    step = max(blocks[0], WINDOW_ELEMENTS // max(1, n_row) // blocks[0] * blocks[0])
+    sums = _Sums()
+    for r0 in range(0, shape[0], step):
+        r1 = min(shape[0], r0 + step)
+        g0, g1 = r0 // blocks[0], (r1 - 1) // blocks[0] + 1
+        la = lut_a(g0, g1)
+        groups = la.shape[:-2]
+        n_groups = math.prod(groups)
+        if n_groups * palette * palette > _MAX_BINS:
+            return None
+        ia, it = rows_a(r0, r1), rows_t(r0, r1)
+        key = group_offsets(r0, ia.shape, blocks, g0, groups) * (palette * palette)
+        key = (key + ia.astype(np.int64) * palette + it).reshape(-1)
+        counts = np.bincount(key, minlength=n_groups * palette * palette).reshape(n_groups, palette, palette)
+        as64 = lambda lut: lut.reshape(n_groups, palette).astype(store).astype(np.float64)  # noqa: E731
+        sums.add_counts(counts, as64(la), as64(lut_t(g0, g1)))
+    return sums.metrics()
+
+
 def compare_weights(anchor: Weight, target: Weight) -> Metrics:
-    """Metrics over the whole dequantized tensors, window by window (float64 accumulation;
-    memory bounded by the window). Both weights must have the same shape."""
+    """Metrics over the whole materialized tensors, window by window (float64 accumulation;
+    memory bounded by the window). Both weights must have the same shape.
+
+    Two LUT weights of the same structure are compared through a joint histogram of their
+    indices per group (exact: every element is counted with its two values); any other pair by
+    materializing both in windows (:func:`milsurgery.dequant.iter_values`)."""
     if anchor.shape != target.shape:
         raise UsageError(f"{anchor.describe()} and {target.describe()} have different shapes")
-    dot = na = nt = sq = sabs = 0.0
-    mx = 0.0
-    n = 0
+    fast = _compare_luts(anchor, target) if anchor.shape else None
+    if fast is not None:
+        return fast
+    sums = _Sums()
     for a, t in zip(iter_values(anchor), iter_values(target)):
-        d = a - t
-        dot += float(np.dot(a, t))
-        na += float(np.dot(a, a))
-        nt += float(np.dot(t, t))
-        sq += float(np.dot(d, d))
-        ad = np.abs(d)
-        sabs += float(ad.sum())
-        mx = max(mx, float(ad.max())) if ad.size else mx
-        if np.isnan(d).any():
-            mx = math.nan
-        n += a.size
-    if na == 0.0 and nt == 0.0:
-        cosine = 1.0
-    elif na == 0.0 or nt == 0.0:
-        cosine = 0.0
-    else:
-        cosine = dot / math.sqrt(na * nt)
-    rel = math.sqrt(sq / nt) if nt > 0 else (0.0 if sq == 0 else math.inf)
-    return Metrics(cosine, sabs / n if n else 0.0, mx, rel, n)
+        sums.add_values(a, t)
+    return sums.metrics()
 
 
 def _ref_slots(w: Weight) -> dict[tuple[int, str], ResolvedRef]:

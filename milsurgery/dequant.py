@@ -218,15 +218,18 @@ def _decode_immediate(value: pb.Value, shape, pkg: Package, where: str) -> np.nd
     return arr
 
 
-def _index_grids(window_rows: np.ndarray, shape: tuple[int, ...], blocks: list[int], first_block: int):
-    """Open index grids mapping each element of a window of rows to its block (LUT group, scale
-    block): axis 0 from ``window_rows``, the other axes over their full extent."""
+def _group_offsets(r0: int, shape: tuple[int, ...], blocks: list[int], first_block: int, groups: tuple[int, ...]) -> np.ndarray:
+    """For a window of rows [r0, r0 + shape[0]) of a tensor of ``shape``, the flat index of each
+    element's block (LUT group, scale block) in a C-ordered array of ``groups`` blocks whose
+    axis 0 starts at ``first_block``. Broadcast sums of per-axis vectors (int64)."""
     rank = len(shape)
-    grids = []
+    strides = [int(np.prod(groups[k + 1 :])) for k in range(rank)]
+    out = np.zeros((1,) * rank, dtype=np.int64)
     for k in range(rank):
-        idx = (window_rows // blocks[0] - first_block) if k == 0 else (np.arange(shape[k]) // blocks[k])
-        grids.append(idx.reshape([-1 if j == k else 1 for j in range(rank)]))
-    return grids
+        start = r0 if k == 0 else 0
+        idx = (np.arange(start, start + shape[k], dtype=np.int64) // blocks[k] - (first_block if k == 0 else 0)) * strides[k]
+        out = out + idx.reshape([-1 if j == k else 1 for j in range(rank)])
+    return out
 
 
 class _Lut(_Node):
@@ -239,6 +242,9 @@ class _Lut(_Node):
             raise fail(f"lut has rank {len(lshape)}, indices rank {len(ishape)}: expected {len(ishape) + 2}")
         self.vs = lshape[-1]
         self.palette = lshape[-2]
+        bits = getattr(BLOB_DTYPE_BY_PROTO.get(getattr(indices, "dtype", None)), "bits", None)
+        if bits is not None and self.palette != 1 << bits:
+            raise fail(f"lut holds {self.palette} entries per palette, {1 << bits} needed for {bits}-bit indices")
         self.blocks = []
         for k, (n, g) in enumerate(zip(ishape, lshape)):
             if g == 0 or n % g:
@@ -260,13 +266,15 @@ class _Lut(_Node):
     def rows(self, r0: int, r1: int) -> np.ndarray:
         vs, ax = self.vs, self.axis
         i0, i1 = (r0 // vs, -(-r1 // vs)) if vs > 1 and ax == 0 else (r0, r1)
-        idx = self.indices.rows(i0, i1).astype(np.intp)
+        idx = self.indices.rows(i0, i1)
         g0, g1 = i0 // self.blocks[0], (i1 - 1) // self.blocks[0] + 1
         lut = self.lut.rows(g0, g1).astype(np.float64)
-        grids = _index_grids(np.arange(i0, i1), idx.shape, self.blocks, g0)
-        out = lut[(*grids, idx)]  # idx.shape + (vs,)
+        # Flat position of each element's palette in the LUT, plus its index: one take.
+        base = _group_offsets(i0, idx.shape, self.blocks, g0, lut.shape[:-2]) * self.palette
+        flat = (base + idx.astype(np.int64)).reshape(-1)
         if vs == 1:
-            return out[..., 0]
+            return np.take(lut.reshape(-1), flat).reshape(idx.shape)
+        out = lut.reshape(-1, vs)[flat].reshape(idx.shape + (vs,))
         out = np.moveaxis(out, -1, ax + 1)
         merged = list(idx.shape)
         merged[ax] *= vs
@@ -350,10 +358,16 @@ class _ShiftScale(_Node):
             o = 0.0 if self.offset is None else self.offset.whole().astype(np.float64)
             return (d - o) * s
         b0, b1 = r0 // self.blocks[0], (r1 - 1) // self.blocks[0] + 1
-        grids = tuple(_index_grids(np.arange(r0, r1), d.shape, self.blocks, b0))
+        scale = self.scale.rows(b0, b1).astype(np.float64)
+        if all(b == 1 for b in self.blocks[1:]) and scale.shape[1:] == d.shape[1:]:
+            pos = np.arange(r0, r1) // self.blocks[0] - b0  # blocks along axis 0 only
+            if self.offset is not None:
+                d = d - self.offset.rows(b0, b1).astype(np.float64)[pos]
+            return d * scale[pos]
+        flat = _group_offsets(r0, d.shape, self.blocks, b0, scale.shape).reshape(-1)
         if self.offset is not None:
-            d = d - self.offset.rows(b0, b1).astype(np.float64)[grids]
-        return d * self.scale.rows(b0, b1).astype(np.float64)[grids]
+            d = d - np.take(self.offset.rows(b0, b1).astype(np.float64).reshape(-1), flat).reshape(d.shape)
+        return d * np.take(scale.reshape(-1), flat).reshape(d.shape)
 
 
 class _Repeat(_Node):
@@ -692,9 +706,32 @@ def sample_values(w: Weight, count: int = 256) -> np.ndarray:
     if not node.shape:
         return np.asarray(node.whole(), dtype=np.float64).reshape(1)
     rows, n = node.shape[0], _rowlen(node.shape)
-    per_row = min(n, max(1, count // min(rows, count)))
+    per_row = min(n, max(1, count // min(rows, 16)))
     picks = np.unique(np.linspace(0, rows - 1, num=min(rows, max(1, count // per_row))).astype(np.int64))
     cols = np.unique(np.linspace(0, n - 1, num=per_row).astype(np.int64))
     store = _FLOAT_TYPES.get(w.dtype, np.float64)
     out = [node.rows(int(r), int(r) + 1).reshape(-1)[cols].astype(store).astype(np.float64) for r in picks]
     return np.concatenate(out)
+
+
+def lut_parts(w: Weight):
+    """For a weight that is one iOS 18 ``constexpr_lut_to_dense`` of scalar entries: a reader of
+    its palette indices by rows, a reader of its LUT groups by rows, the group sizes per axis and
+    the palette size; None for any other form. Lets metrics work on indices and palettes without
+    materializing values (see :func:`milsurgery.adopt.compare_weights`)."""
+    if w.op_type != "constexpr_lut_to_dense":
+        return None
+    node = _node_of(w)
+    if not isinstance(node, _Lut) or node.vs != 1 or not isinstance(node.indices, _ValueNode) or not isinstance(node.lut, _ValueNode):
+        return None
+    return node.indices.rows, node.lut.rows, list(node.blocks), node.palette
+
+
+def group_offsets(r0: int, shape: tuple[int, ...], blocks: list[int], first_block: int, groups: tuple[int, ...]) -> np.ndarray:
+    """Public form of the block-index helper used by the LUT and shift-scale evaluations."""
+    return _group_offsets(r0, shape, blocks, first_block, groups)
+
+
+def store_type(w: Weight):
+    """The numpy type Core ML materializes the weight in (float16/float32), or None."""
+    return _FLOAT_TYPES.get(w.dtype)
