@@ -69,6 +69,8 @@ METADATA_KEY = ADOPTED_METADATA_KEY
 CANDIDATES = 2
 #: Values in a weight's sketch.
 SKETCH_VALUES = 256
+#: Sketch distances (relative L2) this close to the nearest candidate's count as a tie.
+SKETCH_SLACK = 1e-3
 
 
 @dataclass(frozen=True)
@@ -198,9 +200,15 @@ def _compare_luts(anchor: Weight, target: Weight) -> Metrics | None:
         if n_groups * palette * palette > _MAX_BINS:
             return None
         ia, it = rows_a(r0, r1), rows_t(r0, r1)
-        key = group_offsets(r0, ia.shape, blocks, g0, groups) * (palette * palette)
-        key = (key + ia.astype(np.int64) * palette + it).reshape(-1)
-        counts = np.bincount(key, minlength=n_groups * palette * palette).reshape(n_groups, palette, palette)
+        # key = (group * palette + anchor index) * palette + target index, in int32 and in place
+        # (n_groups * palette^2 <= _MAX_BINS fits easily).
+        key = ia.astype(np.int32)
+        key *= palette
+        key += it
+        offsets = group_offsets(r0, ia.shape, blocks, g0, groups)
+        if offsets.size > 1 or offsets.reshape(-1)[0]:
+            key += (offsets * (palette * palette)).astype(np.int32)
+        counts = np.bincount(key.reshape(-1), minlength=n_groups * palette * palette).reshape(n_groups, palette, palette)
         as64 = lambda lut: lut.reshape(n_groups, palette).astype(store).astype(np.float64)  # noqa: E731
         sums.add_counts(counts, as64(la), as64(lut_t(g0, g1)))
     return sums.metrics()
@@ -466,11 +474,15 @@ def plan_adoption(
             continue
         mine = sketch(w)
         base = _base_name(w.name)
-        ranked = sorted(candidates, key=lambda c: (_distance(sketch(c), mine), _base_name(c.name) != base))
+        ranked = sorted((_distance(sketch(c), mine), _base_name(c.name) != base, i) for i, c in enumerate(candidates))
+        # The best sketch is always measured; a runner-up only if its sketch is about as close
+        # (a clear winner is not second-guessed with another full pass).
+        nearest = ranked[0][0]
+        proposed = [candidates[i] for d, _, i in ranked[:CANDIDATES] if d <= 2 * nearest + SKETCH_SLACK]
         best: tuple[Weight, Metrics, int] | None = None
         first_fail: tuple[Weight, Metrics, str] | None = None
         identical = False
-        for c in ranked[:CANDIDATES]:
+        for c in proposed:
             pairs = _blob_pairs(c, w)
             same = {}
             for ra, rt in pairs:

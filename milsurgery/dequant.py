@@ -226,6 +226,8 @@ def _group_offsets(r0: int, shape: tuple[int, ...], blocks: list[int], first_blo
     strides = [int(np.prod(groups[k + 1 :])) for k in range(rank)]
     out = np.zeros((1,) * rank, dtype=np.int64)
     for k in range(rank):
+        if groups[k] == 1:
+            continue  # one block along this axis: contributes nothing
         start = r0 if k == 0 else 0
         idx = (np.arange(start, start + shape[k], dtype=np.int64) // blocks[k] - (first_block if k == 0 else 0)) * strides[k]
         out = out + idx.reshape([-1 if j == k else 1 for j in range(rank)])
