@@ -42,7 +42,7 @@ sys.path.insert(0, HERE)
 from merge_bench import REFERENCE, settle, timed, warm, weight_bin  # noqa: E402
 
 KINDS = ("lut4", "lut6", "int8", "int4", "identical")
-HIDDEN = 1024
+HIDDEN = 2048  # groups of 8 rows hold 16,384 values: kmeans1d, as coremltools picks it for real models
 NUDGE = 0.001
 
 BUILD = r"""

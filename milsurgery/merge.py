@@ -100,7 +100,7 @@ def merge(
     weights against those thresholds. ``dry_run`` writes nothing and returns the
     :class:`milsurgery.adopt.AdoptReport`.
     """
-    from .adopt import adoption_options
+    from .thresholds import adoption_options
 
     thresholds = adoption_options(adopt, anchor, min_cosine, max_mean_abs, max_abs, dry_run)
     opened: dict[str, Package] = {}

@@ -69,9 +69,11 @@ def shrink(
     :func:`milsurgery.merge.merge`, between the package's functions (``dry_run`` returns the
     :class:`milsurgery.adopt.AdoptReport` and writes nothing).
     """
-    from .adopt import adoption_options, plan_for_picks
+    from .thresholds import adoption_options
 
     thresholds = adoption_options(adopt, anchor, min_cosine, max_mean_abs, max_abs, dry_run)
+    if thresholds is not None:
+        from .adopt import plan_for_picks
     if dry_run:
         with Package(package) as pkg:
             return plan_for_picks([Pick(pkg, f, f) for f in pkg.functions], thresholds, anchor, True).report

@@ -293,7 +293,7 @@ def verify(
     meet the thresholds (defaults as for ``merge(adopt=True)``) and is listed in the check's
     ``tolerated`` with its metrics.
     """
-    from .adopt import adoption_options
+    from .thresholds import adoption_options
 
     thresholds = adoption_options(tolerance, None, min_cosine, max_mean_abs, max_abs, False)
     opened: dict[str, Package] = {}
