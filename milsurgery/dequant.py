@@ -221,7 +221,8 @@ def _decode_immediate(value: pb.Value, shape, pkg: Package, where: str) -> np.nd
 def _group_offsets(r0: int, shape: tuple[int, ...], blocks: list[int], first_block: int, groups: tuple[int, ...]) -> np.ndarray:
     """For a window of rows [r0, r0 + shape[0]) of a tensor of ``shape``, the flat index of each
     element's block (LUT group, scale block) in a C-ordered array of ``groups`` blocks whose
-    axis 0 starts at ``first_block``. Broadcast sums of per-axis vectors (int64)."""
+    axis 0 starts at ``first_block``. Broadcast sums of per-axis vectors (int64): the result
+    broadcasts to ``shape`` (axes with one block have size 1)."""
     rank = len(shape)
     strides = [int(np.prod(groups[k + 1 :])) for k in range(rank)]
     out = np.zeros((1,) * rank, dtype=np.int64)
@@ -366,7 +367,7 @@ class _ShiftScale(_Node):
             if self.offset is not None:
                 d = d - self.offset.rows(b0, b1).astype(np.float64)[pos]
             return d * scale[pos]
-        flat = _group_offsets(r0, d.shape, self.blocks, b0, scale.shape).reshape(-1)
+        flat = np.broadcast_to(_group_offsets(r0, d.shape, self.blocks, b0, scale.shape), d.shape).reshape(-1)
         if self.offset is not None:
             d = d - np.take(self.offset.rows(b0, b1).astype(np.float64).reshape(-1), flat).reshape(d.shape)
         return d * np.take(scale.reshape(-1), flat).reshape(d.shape)
