@@ -486,31 +486,34 @@ def plan_for_picks(picks, thresholds: Thresholds, anchor: str | None, dry_run: b
 
 
 def weight_differences(pkg, function: str, src, src_function: str, differing, tolerance: Thresholds | None, check):
-    """For ``verify``: explain blobs of ``pkg``'s ``function`` that differ from the source's.
+    """For ``verify``: judge blobs of ``pkg``'s ``function`` that differ from the source's, weight
+    by weight.
 
-    Differing references that belong to a weight are judged per weight: its values are compared
-    with the source weight's (full metrics); with ``tolerance`` met, the weight is added to
-    ``check.tolerated``, otherwise one difference naming the op and its metrics is added to
-    ``check.differences``. Returns the (output, source) reference pairs that belong to no weight,
-    for the caller to report as plain blob differences.
+    Each weight holding a differing blob is compared with the source's weight (full metrics). With
+    ``tolerance`` met, the weight goes to ``check.tolerated`` and its blobs are not reported;
+    otherwise one difference naming the op and its metrics is added to ``check.differences``.
+    Returns the (output, source) reference pairs still to report as blob differences: those of
+    weights that are not tolerated and those that belong to no weight.
     """
     mine = {op.outputs[0].name: w for w in find_weights(pkg, function) for op in w.ops if op.outputs}
     theirs = {op.outputs[0].name: w for w in find_weights(src, src_function) for op in w.ops if op.outputs}
-    left, judged = [], []
+    left, verdicts = [], {}
     for ra, rb in differing:
         wa, wb = mine.get(ra.ref.op_name), theirs.get(rb.ref.op_name)
         if wa is None or wb is None or wa.name != wb.name or wa.shape != wb.shape:
             left.append((ra, rb))
-        elif all(w is not wa for w in judged):
-            judged.append(wa)
-            m = compare_weights(wa, wb)
+            continue
+        if wa.name not in verdicts:
+            m = compare_weights(wb, wa)
             failed = tolerance.failure(m) if tolerance is not None else "no tolerance given"
-            entry = {"op": wa.name, "kind": wa.kind, "metrics": m.to_dict()}
+            verdicts[wa.name] = failed is None
             if failed is None:
-                check.tolerated.append(entry)
+                check.tolerated.append({"op": wa.name, "kind": wa.kind, "metrics": m.to_dict()})
             else:
                 check.differences.append(
                     f"function {function!r} op {wa.name!r} ({wa.op_type}): values differ from the source's "
                     f"({m.text()}; {failed})"
                 )
+        if not verdicts[wa.name]:
+            left.append((ra, rb))
     return left
