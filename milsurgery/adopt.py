@@ -490,10 +490,9 @@ def weight_differences(pkg, function: str, src, src_function: str, differing, to
     by weight.
 
     Each weight holding a differing blob is compared with the source's weight (full metrics). With
-    ``tolerance`` met, the weight goes to ``check.tolerated`` and its blobs are not reported;
-    otherwise one difference naming the op and its metrics is added to ``check.differences``.
-    Returns the (output, source) reference pairs still to report as blob differences: those of
-    weights that are not tolerated and those that belong to no weight.
+    ``tolerance`` met, the weight goes to ``check.tolerated`` and its blobs are not reported.
+    Returns (output ref, source ref, note) for the blobs still to report as differences: ``note``
+    names the weight's op and metrics (for the first blob of each weight) or is empty.
     """
     mine = {op.outputs[0].name: w for w in find_weights(pkg, function) for op in w.ops if op.outputs}
     theirs = {op.outputs[0].name: w for w in find_weights(src, src_function) for op in w.ops if op.outputs}
@@ -501,8 +500,9 @@ def weight_differences(pkg, function: str, src, src_function: str, differing, to
     for ra, rb in differing:
         wa, wb = mine.get(ra.ref.op_name), theirs.get(rb.ref.op_name)
         if wa is None or wb is None or wa.name != wb.name or wa.shape != wb.shape:
-            left.append((ra, rb))
+            left.append((ra, rb, ""))
             continue
+        note = ""
         if wa.name not in verdicts:
             m = compare_weights(wb, wa)
             failed = tolerance.failure(m) if tolerance is not None else "no tolerance given"
@@ -510,10 +510,7 @@ def weight_differences(pkg, function: str, src, src_function: str, differing, to
             if failed is None:
                 check.tolerated.append({"op": wa.name, "kind": wa.kind, "metrics": m.to_dict()})
             else:
-                check.differences.append(
-                    f"function {function!r} op {wa.name!r} ({wa.op_type}): values differ from the source's "
-                    f"({m.text()}; {failed})"
-                )
+                note = f"; the values of weight {wa.name!r} ({wa.kind}) differ: {m.text()} ({failed})"
         if not verdicts[wa.name]:
-            left.append((ra, rb))
+            left.append((ra, rb, note))
     return left

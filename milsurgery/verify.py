@@ -222,13 +222,14 @@ def _check(pkg: Package, name: str, pick: Pick, tolerance=None) -> FunctionCheck
     if differing:
         from .adopt import weight_differences
 
+        # Weights whose blobs differ are judged by their values (tolerated ones drop out).
         differing = weight_differences(pkg, name, src, pick.name, differing, tolerance, check)
-    for ra, rb in differing:
+    for ra, rb, note in differing:
         r = ra.ref
         check.differences.append(
             f"{r.describe()}: blob at offset {ra.blob.record_offset} of {ra.file.path} "
             f"({ra.blob.dtype.name}, {ra.blob.size} bytes) differs from the source's blob at "
-            f"offset {rb.blob.record_offset} of {rb.file.path} ({rb.blob.dtype.name}, {rb.blob.size} bytes)"
+            f"offset {rb.blob.record_offset} of {rb.file.path} ({rb.blob.dtype.name}, {rb.blob.size} bytes){note}"
         )
     return check
 

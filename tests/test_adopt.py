@@ -158,7 +158,7 @@ def test_verify_tolerance(models, tmp_path, capsys):
     assert main(["verify", out, *against]) == 1
     text = capsys.readouterr().out
     for op in adopted:
-        assert f"op {op!r}" in text and "cosine" in text
+        assert f"weight {op!r}" in text and "cosine" in text
     assert main(["verify", out, *against, "--tolerance"]) == 0
     text = capsys.readouterr().out
     assert all(f"within tolerance: op {op!r}" in text for op in adopted)
