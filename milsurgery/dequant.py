@@ -131,19 +131,21 @@ class _Node:
 
 def _unpack(raw: np.ndarray, bits: int, skip: int, count: int, signed: bool) -> np.ndarray:
     """``count`` codes of ``bits`` bits from bytes ``raw``, starting ``skip`` bits in, LSB first."""
-    if bits in (1, 2, 4) and skip == 0:
+    if bits == 8 and skip == 0:
+        codes = raw[:count]
+    elif bits in (1, 2, 4) and skip == 0:
         per = 8 // bits
         mask = (1 << bits) - 1
         codes = np.empty((raw.size, per), dtype=np.uint8)
         for i in range(per):
-            codes[:, i] = (raw >> (i * bits)) & mask
+            np.bitwise_and(raw >> (i * bits) if i else raw, mask, out=codes[:, i])
         codes = codes.reshape(-1)[:count]
     else:
         as_bits = np.unpackbits(raw, bitorder="little")[skip : skip + count * bits]
         codes = np.packbits(as_bits.reshape(count, bits), axis=1, bitorder="little").reshape(-1)
-    if signed:
-        codes = codes.astype(np.int8)
-        codes[codes >= 1 << (bits - 1)] -= 1 << bits
+    if signed:  # two's complement: flip the sign bit, then subtract it
+        half = 1 << (bits - 1)
+        codes = (codes ^ np.uint8(half)).view(np.int8) - np.int8(half)
     return codes
 
 
@@ -361,16 +363,19 @@ class _ShiftScale(_Node):
             o = 0.0 if self.offset is None else self.offset.whole().astype(np.float64)
             return (d - o) * s
         b0, b1 = r0 // self.blocks[0], (r1 - 1) // self.blocks[0] + 1
-        scale = self.scale.rows(b0, b1).astype(np.float64)
-        if all(b == 1 for b in self.blocks[1:]) and scale.shape[1:] == d.shape[1:]:
-            pos = np.arange(r0, r1) // self.blocks[0] - b0  # blocks along axis 0 only
-            if self.offset is not None:
-                d = d - self.offset.rows(b0, b1).astype(np.float64)[pos]
-            return d * scale[pos]
-        flat = np.broadcast_to(_group_offsets(r0, d.shape, self.blocks, b0, scale.shape), d.shape).reshape(-1)
+        # Each axis k > 0 of the window is split into (blocks, block size) and the scale table
+        # broadcast over the block size: no index arrays. Along axis 0 the table's rows are
+        # repeated per data row (a window is only a few blocks tall).
+        split = [d.shape[0]]
+        table_shape = [d.shape[0]]
+        for k in range(1, len(d.shape)):
+            split += [d.shape[k] // self.blocks[k], self.blocks[k]]
+            table_shape += [d.shape[k] // self.blocks[k], 1]
+        pos = np.arange(r0, r1) // self.blocks[0] - b0 if self.blocks[0] > 1 else slice(None)
+        view = d.reshape(split)
         if self.offset is not None:
-            d = d - np.take(self.offset.rows(b0, b1).astype(np.float64).reshape(-1), flat).reshape(d.shape)
-        return d * np.take(scale.reshape(-1), flat).reshape(d.shape)
+            view = view - self.offset.rows(b0, b1)[pos].astype(np.float64).reshape(table_shape)
+        return (view * self.scale.rows(b0, b1)[pos].astype(np.float64).reshape(table_shape)).reshape(d.shape)
 
 
 class _Repeat(_Node):
