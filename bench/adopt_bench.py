@@ -9,8 +9,8 @@ each package compressed separately with coremltools:
 * ``lut6``: k-means LUT6, ``per_grouped_channel``, group size 16;
 * ``int8``: linear int8, ``per_block`` 32;
 * ``int4``: linear int4, ``per_block`` 32;
-* ``identical``: LUT4 as above without the nudge, so the two compressions are byte-identical
-  (adoption must then cost no more than a plain merge).
+* ``identical``: the infer package (``int8``) against a copy of itself: every weight is
+  byte-identical (adoption must then cost no more than a plain merge).
 
 For each size and kind, in one run: an independent computation (coremltools' own decompression
 of both packages, float64 numpy, pairs known by construction) lists the pairs that meet the
@@ -95,7 +95,7 @@ import coremltools.optimize.coreml as cto
 
 src, dest, kind = sys.argv[1:4]
 model = ct.models.MLModel(src, skip_model_load=True)
-if kind in ("lut4", "identical", "lut6"):
+if kind in ("lut4", "lut6"):
     nbits, group = (6, 16) if kind == "lut6" else (4, 8)
     op = cto.OpPalettizerConfig(mode="kmeans", nbits=nbits, granularity="per_grouped_channel", group_size=group)
     out = cto.palettize_weights(model, cto.OptimizationConfig(global_config=op))
@@ -156,13 +156,16 @@ def build_pair(workdir: str, size_mib: int, kind: str) -> tuple[str, str]:
     layers = layers_for(size_mib)
     tag = f"adopt-{size_mib}m-h{HIDDEN}-l{layers}"
     floats = {}
-    for name, seq, nudge in (("infer", 1, 0.0), ("prefill", 8, NUDGE), ("prefill-exact", 8, 0.0)):
+    for name in ("infer", "prefill"):
         floats[name] = os.path.join(workdir, f"{tag}-{name}-fp16.mlpackage")
+    if kind == "identical":
+        infer, _ = build_pair(workdir, size_mib, "int8")
+        copy = os.path.join(workdir, f"{tag}-infer-int8-copy.mlpackage")
+        return infer, cached(copy, lambda tmp: shutil.copytree(infer, tmp))
     out = []
     for name in ("infer", "prefill"):
-        src_name = "prefill-exact" if (name == "prefill" and kind == "identical") else name
-        seq, nudge = (1, 0.0) if src_name == "infer" else (8, NUDGE if src_name == "prefill" else 0.0)
-        src = cached(floats[src_name], lambda tmp, s=seq, n=nudge: run_py(BUILD, tmp, str(s), str(layers), str(HIDDEN), str(n)))
+        seq, nudge = (1, 0.0) if name == "infer" else (8, NUDGE)
+        src = cached(floats[name], lambda tmp, s=seq, n=nudge: run_py(BUILD, tmp, str(s), str(layers), str(HIDDEN), str(n)))
         dest = os.path.join(workdir, f"{tag}-{name}-{kind}.mlpackage")
         out.append(cached(dest, lambda tmp, s=src: run_py(COMPRESS, s, tmp, kind)))
     return out[0], out[1]

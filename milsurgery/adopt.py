@@ -32,7 +32,7 @@ from dataclasses import asdict, dataclass, field
 import numpy as np
 
 from ._proto import milsurgery_spec_pb2 as pb
-from .coalesce import BlobSource, blobs_equal
+from .coalesce import BlobSource, blobs_equal, sample_digest
 from .dequant import (
     WINDOW_ELEMENTS,
     Weight,
@@ -390,6 +390,12 @@ def _distance(a: np.ndarray, b: np.ndarray) -> float:
     return d / (float(np.linalg.norm(b)) + 1e-30) if math.isfinite(d) else math.inf
 
 
+def _sample(r: ResolvedRef) -> tuple:
+    """(dtype, size, padding, sample digest) of a blob: equal for byte-identical blobs."""
+    b = r.blob
+    return (b.dtype.code, b.size, b.padding_bits if b.dtype.sub_byte else 0, sample_digest(BlobSource(r.file, b)))
+
+
 def _blob_pairs(anchor: Weight, target: Weight) -> list[tuple[ResolvedRef, ResolvedRef]]:
     sa, st = _ref_slots(anchor), _ref_slots(target)
     return [(sa[k], st[k]) for k in sorted(st)]
@@ -436,6 +442,13 @@ def plan_adoption(
         if any(all(ra.file is rt.file and ra.blob.record_offset == rt.blob.record_offset
                    for ra, rt in _blob_pairs(c, w)) for c in candidates):
             report.identical += 1  # already the very same blobs
+            continue
+        # Byte-identical weights are found before any value is computed: samples of every blob
+        # agree, then the bytes decide (exact coalescing will share them).
+        if any(all(_sample(ra) == _sample(rt) for ra, rt in _blob_pairs(c, w))
+               and all(blobs_equal(BlobSource(ra.file, ra.blob), BlobSource(rt.file, rt.blob)) for ra, rt in _blob_pairs(c, w))
+               for c in candidates):
+            report.identical += 1
             continue
         mine = sketch(w)
         base = _base_name(w.name)

@@ -62,6 +62,7 @@ class Weight:
     refs: list[ResolvedRef] = field(default_factory=list)
     shape: tuple[int, ...] = ()
     dtype: int = 0  # proto DataType of the materialized tensor
+    graph: object = field(default=None, repr=False, compare=False)  # the function's op index, shared
 
     @property
     def op_type(self) -> str:
@@ -652,7 +653,7 @@ def find_weights(pkg: Package, function: str) -> list[Weight]:
         shape = _shape_of(op.outputs[0].type)
         if shape is None:
             continue
-        w = Weight(pkg, function, op.outputs[0].name, ops, refs, shape, op.outputs[0].type.tensorType.dataType)
+        w = Weight(pkg, function, op.outputs[0].name, ops, refs, shape, op.outputs[0].type.tensorType.dataType, graph)
         weights.append(w)
     return weights
 
@@ -666,7 +667,7 @@ def get_weight(pkg: Package, function: str, name: str) -> Weight:
 
 
 def _node_of(w: Weight) -> _Node:
-    graph = _Graph(w.package, w.function)
+    graph = w.graph if isinstance(w.graph, _Graph) else _Graph(w.package, w.function)
     return graph.node(w.ops[0], 0)
 
 
