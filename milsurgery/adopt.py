@@ -3,20 +3,28 @@ almost identical weight of the anchor function.
 
 :func:`plan_adoption` takes the functions a command is about to write and:
 
-1. lists every function's weights (:func:`milsurgery.dequant.find_weights`, spec only) and gives
-   each a structural key: the producing ops' types, their non-blob inputs and attributes, their
-   output types and each blob's dtype and shape, with names left out. Only weights with equal
-   keys can pair, so adoption never changes anything in a graph but blob references;
-2. takes a cheap sketch of each candidate weight (a few hundred dequantized values from rows
-   spread along axis 0) and, for each target weight, ranks the anchor's weights of the same key
-   by sketch distance (names with a trailing ``_N`` stripped break ties; they never decide);
-3. for the best-ranked candidates, compares the blobs byte by byte (byte-identical weights are
-   left to exact coalescing) and otherwise computes the full metrics over the whole dequantized
-   tensors in bounded windows with float64 accumulation; the best candidate meeting every
-   threshold is adopted, otherwise the weight is reported as rejected with the metric that failed;
-4. returns the mapping of references (output function, op, location) -> the anchor's blob, which
-   :func:`milsurgery.assemble.write_package` applies before coalescing (the writer is unchanged),
-   and records the adoption in the output's metadata (``userDefined["milsurgery.adopted"]``).
+1. lists every function's weights (:func:`milsurgery.dequant.find_weights`, spec only), checks
+   that each one's ops are consistent, and gives each a structural key: the producing ops'
+   types, their non-blob inputs and attributes, their output types and each blob's dtype and
+   shape, with names left out. Only weights with equal keys can pair, so adoption never changes
+   anything in a graph but blob references;
+2. sets aside weights byte-identical to an anchor weight of the same key (blob samples, then the
+   bytes decide): exact coalescing shares them without any value being computed;
+3. takes a cheap sketch of each remaining weight (256 materialized values from 16 rows spread
+   along axis 0) and ranks the anchor's weights of the same key by sketch distance (names with
+   a trailing ``_N`` stripped break ties; they never decide);
+4. computes, for the nearest candidate (and a runner-up whose sketch is about as close), the
+   full metrics over the whole materialized tensors in bounded windows with float64
+   accumulation (:func:`compare_weights`); the best candidate meeting every threshold is
+   adopted, otherwise the weight is reported as rejected with the threshold that failed;
+5. returns the mapping of references (output function, op, location) -> the anchor's blob, which
+   :func:`milsurgery.assemble.write_package` applies before coalescing (the writer is unchanged:
+   the re-pointed references coalesce with the anchor's), and records the adoption in the
+   output's metadata (``userDefined["milsurgery.adopted"]``).
+
+I/O: the spec, 64-byte records and a few KiB of samples per blob for every weight; rows for the
+sketches; each candidate pair's blobs once for the byte comparison and once for the metrics.
+Memory is bounded by the windows (about 1 Mi elements), not by tensor or model size.
 """
 
 from __future__ import annotations
