@@ -102,11 +102,28 @@ def _print_report(report, quiet: bool, as_json: bool, *, appended: bool = False)
     verified = getattr(report, "verified", None)
     if verified is not None:
         print(f"  verified: {verified['summary']}")
+    if getattr(report, "adoption", None) is not None:
+        from .adopt import render_report
+
+        print(render_report(report.adoption))
 
 
 def _warn_suffix(path) -> None:
     if path is not None and not str(path).rstrip("/").endswith(".mlpackage"):
         print(f"milsurgery: warning: {path} does not end in .mlpackage; Core ML tools expect that suffix", file=sys.stderr)
+
+
+def _adopt_kwargs(args) -> dict:
+    return dict(adopt=args.adopt, anchor=args.anchor, min_cosine=args.min_cosine, max_mean_abs=args.max_mean_abs,
+                max_abs=args.max_abs, dry_run=args.dry_run)
+
+
+def _print_dry_run(report, as_json: bool) -> int:
+    if as_json:
+        _print_json(report.to_dict())
+    else:
+        print(report.render_text())
+    return 0
 
 
 def cmd_inspect(args) -> int:
@@ -136,10 +153,13 @@ def cmd_inspect(args) -> int:
 def cmd_merge(args) -> int:
     from .merge import merge
 
+    if args.dry_run:  # writes nothing: prints what adoption would do
+        report = merge(args.sources, args.output, default=args.default, force=args.force, **_adopt_kwargs(args))
+        return _print_dry_run(report, args.json)
     return _run_writer(
         args, lambda bar: merge(
             args.sources, args.output, default=args.default, force=args.force, sync=not args.no_sync,
-            verify=args.verify, progress=bar,
+            verify=args.verify, progress=bar, **_adopt_kwargs(args),
         )
     )
 
@@ -160,11 +180,18 @@ def cmd_shrink(args) -> int:
 
     from .package import Package
 
+    if args.dry_run:
+        return _print_dry_run(shrink(args.package, **_adopt_kwargs(args)), args.json)
     if args.output is None and not args.in_place:
         raise UsageError("shrink needs -o OUT or --in-place")
     with Package(args.package) as pkg:  # reads the spec and the blob records only
         before = sum(bf.file_size for bf in pkg.blob_files.values())
-    code = _run_writer(args, lambda bar: shrink(args.package, args.output, in_place=args.in_place, force=args.force, sync=not args.no_sync, progress=bar))
+    code = _run_writer(
+        args, lambda bar: shrink(
+            args.package, args.output, in_place=args.in_place, force=args.force, sync=not args.no_sync, progress=bar,
+            **_adopt_kwargs(args),
+        )
+    )
     if not (args.quiet or args.json):
         after = args.output if args.output is not None else args.package
         with Package(after) as pkg:
@@ -217,7 +244,8 @@ def cmd_verify(args) -> int:
         args.package = args.against.pop()
     bar = ProgressBar(not args.json)
     try:
-        report = verify(args.package, args.against, progress=bar)
+        report = verify(args.package, args.against, tolerance=args.tolerance, min_cosine=args.min_cosine,
+                        max_mean_abs=args.max_mean_abs, max_abs=args.max_abs, progress=bar)
     finally:
         bar.finish()
     if args.json:
@@ -228,6 +256,10 @@ def cmd_verify(args) -> int:
             print(f"{c.function}: {status} {c.source} ({c.blobs_compared} blobs, {human_bytes(c.bytes_compared)} compared)")
             for d in c.differences:
                 print(f"  {d}")
+            for t in c.tolerated:
+                m = t["metrics"]
+                print(f"  within tolerance: op {t['op']!r} ({t['kind']}): cosine {m['cosine']:.9f}, mean |delta| "
+                      f"{m['mean_abs']:.3g}, max |delta| {m['max_abs']:.3g}, relative RMS {m['rel_rms']:.3g}")
         for a in report.attributes:
             if a.equivalent:
                 print(f"program attribute {a.key!r}: equivalent to {a.matched}'s ({a.blobs_compared} blobs, {human_bytes(a.bytes_compared)} compared)")
@@ -273,6 +305,19 @@ def add_command(sub, name: str, summary: str, description: str, examples: list[s
     )
 
 
+def _add_threshold_options(p) -> None:
+    p.add_argument("--min-cosine", type=float, metavar="C", help="near-duplicates need cosine >= C (default 0.9999)")
+    p.add_argument("--max-mean-abs", type=float, metavar="D", help="near-duplicates need mean |delta| <= D (default 1e-3)")
+    p.add_argument("--max-abs", type=float, metavar="D", help="near-duplicates need max |delta| <= D (default: no limit)")
+
+
+def _add_adopt_options(p) -> None:
+    p.add_argument("--adopt", action="store_true", help="write near-duplicate weights of later functions as references to the anchor function's weights")
+    p.add_argument("--anchor", metavar="FUNC", help="with --adopt: the function others adopt from (default: the first)")
+    _add_threshold_options(p)
+    p.add_argument("--dry-run", action="store_true", help="with --adopt: write nothing, print what would be adopted")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="milsurgery",
@@ -308,17 +353,20 @@ def build_parser() -> argparse.ArgumentParser:
         sub, "merge", "merge functions of several packages into one multi-function package",
         "Writes OUT with the chosen functions; every weight blob is stored once per distinct content\n"
         "(identical bytes, compared byte by byte), graphs are kept except their blob offsets.\n"
-        "Sources are only read; OUT appears complete or not at all.",
+        "Sources are only read; OUT appears complete or not at all. --adopt also shares weights that\n"
+        "are near-duplicates (within --min-cosine, --max-mean-abs, --max-abs) of the anchor's.",
         [
             "merge -o llm.mlpackage infer.mlpackage:main=infer prefill.mlpackage:main=prefill",
             "merge -o llm.mlpackage infer.mlpackage:main=infer prefill.mlpackage:main=prefill --default infer --verify",
             "merge -o all.mlpackage a.mlpackage b.mlpackage     # every function of both",
+            "merge -o llm.mlpackage infer.mlpackage:main=infer prefill.mlpackage:main=prefill --adopt --dry-run",
         ],
     )
     p.add_argument("sources", nargs="+", metavar="SRC[:FUNC[=NEW]]", help=_SRC_HELP)
     p.add_argument("--default", metavar="NAME", help="default function (otherwise the first)")
     p.add_argument("--verify", action="store_true", help="check the written package against its sources before moving it into place (on a difference: exit 1, nothing replaced)")
     _add_output_options(p)
+    _add_adopt_options(p)
     p.set_defaults(func=cmd_merge)
 
     p = add_command(
@@ -326,7 +374,8 @@ def build_parser() -> argparse.ArgumentParser:
         "Stores each distinct weight blob once (within and across functions) and drops blobs no\n"
         "function references; the spec is otherwise unchanged. Writes OUT, or with --in-place\n"
         "replaces PKG in one atomic step.",
-        ["shrink combined.mlpackage -o small.mlpackage", "shrink combined.mlpackage --in-place"],
+        ["shrink combined.mlpackage -o small.mlpackage", "shrink combined.mlpackage --in-place",
+         "shrink combined.mlpackage -o small.mlpackage --adopt"],
     )
     p.add_argument("package", metavar="PKG", help=_PKG_HELP)
     p.add_argument("-o", "--output", metavar="OUT.mlpackage", help="the package to write (must not exist unless --force)")
@@ -334,6 +383,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--force", action="store_true", help="replace OUT if it exists")
     p.add_argument("--no-sync", action="store_true", help=_NO_SYNC_HELP + " (not with --in-place)")
     _add_output_options(p, output=False)
+    _add_adopt_options(p)
     p.set_defaults(func=cmd_shrink)
 
     p = add_command(
@@ -388,13 +438,17 @@ def build_parser() -> argparse.ArgumentParser:
         "Each named function must equal its source: graph identical except blob offsets, every\n"
         "referenced blob the same bytes, same inputs, outputs and states. Exit 0 when equivalent,\n"
         "1 with a report naming the function, the op or input, and what differs. --against may\n"
-        "come first; PKG is then the last word.",
+        "come first; PKG is then the last word. With --tolerance, a weight whose blobs differ (an\n"
+        "adopted near-duplicate) passes when its values meet the thresholds.",
         ["verify llm.mlpackage --against infer.mlpackage:main=infer prefill.mlpackage:main=prefill",
-         "verify --against infer.mlpackage:main=infer prefill.mlpackage:main=prefill llm.mlpackage"],
+         "verify --against infer.mlpackage:main=infer prefill.mlpackage:main=prefill llm.mlpackage",
+         "verify llm.mlpackage --against infer.mlpackage:main=infer prefill.mlpackage:main=prefill --tolerance"],
     )
     p.add_argument("package", metavar="PKG", nargs="?", help=_PKG_HELP + " to check")
     p.add_argument("--against", nargs="+", required=True, metavar="SRC[:FUNC[=NEW]]", help=_SRC_HELP + "; NEW names the function of PKG")
     p.add_argument("--json", action="store_true", help="print the report as JSON (exact byte counts)")
+    p.add_argument("--tolerance", action="store_true", help="a weight whose blobs differ passes when its dequantized values meet the thresholds")
+    _add_threshold_options(p)
     p.set_defaults(func=cmd_verify)
 
     p = add_command(
