@@ -39,6 +39,8 @@ __all__ = ["Pick", "WriteReport", "build_model", "write_package", "values_equal"
 
 #: progress(phase, done, total): phase names the work ("copying"); done and total are bytes.
 Progress = Callable[[str, int, int], None]
+#: rewrite(model, pairs) -> pairs: a last change to the output spec before blobs are written.
+Rewrite = Callable[[pb.Model, "list[tuple[BlobRef, ResolvedRef]]"], "list[tuple[BlobRef, ResolvedRef]]"]
 
 
 @dataclass(frozen=True)
@@ -250,8 +252,14 @@ def write_package(
     sync: bool = True,
     progress: Progress | None = None,
     check: Callable[[str], None] | None = None,
+    rewrite: Rewrite | None = None,
 ) -> WriteReport:
     """Write a new package holding ``picks`` to ``dest`` atomically; see the module docstring.
+
+    ``rewrite``, if given, is called with the output spec and its blob references right after
+    step 1 and returns the references to write instead (it may change the spec's graphs and
+    point new references at blobs of other files, e.g. compressed forms; see
+    :mod:`milsurgery.compress`).
 
     ``sync=False`` skips flushing the output to disk (see :class:`StagedPackage`). ``check`` is
     called with the staged package's directory before it is moved into place; an exception from
@@ -259,6 +267,8 @@ def write_package(
     start = time.perf_counter()
     warnings: list[str] = []
     model, pairs = build_model(picks, default=default, single=single, spec_version=spec_version, warnings=warnings)
+    if rewrite is not None:
+        pairs = rewrite(model, pairs)
     report = WriteReport(
         output=os.path.abspath(os.fspath(dest)),
         functions=[MAIN_FUNCTION] if single else [p.new_name for p in picks],
