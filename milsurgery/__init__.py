@@ -7,6 +7,7 @@ byte-exactly, and copies weight bytes file to file so memory stays flat.
 
 from .assemble import Pick, WriteReport, write_package
 from .blobfile import Blob, BlobFile, BlobWriter
+from .compress import CompressReport, compress
 from .errors import (
     BlobFileError,
     DestinationExistsError,
@@ -33,6 +34,7 @@ __all__ = [
     "BlobFile",
     "BlobFileError",
     "BlobWriter",
+    "CompressReport",
     "DestinationExistsError",
     "FormatError",
     "ManifestError",
@@ -48,6 +50,7 @@ __all__ = [
     "WriteError",
     "WriteReport",
     "append",
+    "compress",
     "extract",
     "inspect_package",
     "memory_model",
