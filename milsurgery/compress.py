@@ -62,6 +62,8 @@ __all__ = ["compress", "CompressReport", "WeightReport", "METADATA_KEY", "DEFAUL
 DEFAULT_MIN_ELEMENTS = 2048
 #: User-defined metadata key of the output that records the compression configuration.
 METADATA_KEY = "com.github.milsurgery.compress"
+#: Compressed tensors with fewer elements are written into the spec, not the weight file.
+INLINE_LIMIT = 10
 #: Lowest spec version whose opset has the iOS 18 constexpr ops written here.
 _IOS18 = MULTIFUNCTION_SPEC_VERSION
 _FLOAT_PROTO = {pb.DataType.Value("FLOAT16"): "float16", pb.DataType.Value("FLOAT32"): "float32"}
@@ -342,11 +344,12 @@ def _compress_one(job: tuple) -> dict:
     out = []
     for key, name, arr in blobs:
         d = BLOB_DTYPE_BY_NAME[name]
-        if encode:
-            _, raw, padding = _encode(name, arr)
-        else:
-            raw, padding = None, 0
-        out.append((key, name, list(arr.shape), raw, padding, (arr.size * d.bits + 7) // 8))
+        # Tensors under INLINE_LIMIT elements are written into the spec, as coremltools does.
+        inline = arr.size < INLINE_LIMIT
+        raw, padding = _encode(name, arr)[1:] if encode or inline else (None, 0)
+        size = 0 if inline else (arr.size * d.bits + 7) // 8
+        out.append({"key": key, "dtype": name, "shape": list(arr.shape), "raw": raw, "padding": padding,
+                    "size": size, "inline": inline})
     return {"op_type": op_type, "blobs": out, "relative_rms": errors.relative_rms, "max_abs": errors.max_abs}
 
 
@@ -361,9 +364,14 @@ def _run_jobs(jobs: list[tuple], workers: int, sizes: list[int], progress: Progr
                 progress("compressing", done, total)
             yield result
         return
+    import multiprocessing
     from concurrent.futures import ProcessPoolExecutor
 
-    pool = ProcessPoolExecutor(max_workers=workers)
+    # Workers start from a clean process, never a fork of this one: a fork of a process whose
+    # OpenMP runtime (scikit-learn's) has started threads can hang in the child.
+    methods = multiprocessing.get_all_start_methods()
+    context = multiprocessing.get_context("forkserver" if "forkserver" in methods else "spawn")
+    pool = ProcessPoolExecutor(max_workers=workers, mp_context=context)
     try:
         pending: deque = deque()
         it = iter(zip(jobs, sizes))
@@ -388,21 +396,31 @@ def _run_jobs(jobs: list[tuple], workers: int, sizes: list[int], progress: Progr
 # -- the rewrite -----------------------------------------------------------------------------------
 
 
-def _tensor_value(value: pb.Value, proto_dtype: int, shape: list[int], offset: int) -> None:
+def _tensor_value(value: pb.Value, blob: dict) -> None:
+    """A tensor Value: bound to the scratch blob ``blob["record"]`` (the writer moves it into the
+    output's weight.bin), or for a small tensor its values inline (float16 as raw bytes, float32
+    as floats, as coremltools writes them)."""
+    import numpy as np
+
     tt = value.type.tensorType
-    tt.dataType = proto_dtype
-    tt.rank = len(shape)
-    for s in shape:
+    tt.dataType = BLOB_DTYPE_BY_NAME[blob["dtype"]].proto
+    tt.rank = len(blob["shape"])
+    for s in blob["shape"]:
         tt.dimensions.add().constant.size = s
-    value.blobFileValue.fileName = DEFAULT_WEIGHT_REF
-    value.blobFileValue.offset = offset
+    if not blob["inline"]:
+        value.blobFileValue.fileName = DEFAULT_WEIGHT_REF
+        value.blobFileValue.offset = blob["record"]
+    elif blob["dtype"] == "float32":
+        value.immediateValue.tensor.floats.values.extend(np.frombuffer(blob["raw"], dtype="<f4").tolist())
+    else:
+        value.immediateValue.tensor.bytes.values = blob["raw"]
 
 
-def _constexpr_op(old: pb.Operation, op_type: str, inputs: list[tuple[str, int, list[int], int]]) -> pb.Operation:
+def _constexpr_op(old: pb.Operation, op_type: str, blobs: list[dict]) -> pb.Operation:
     new = pb.Operation(type=op_type)
-    for key, proto_dtype, shape, offset in inputs:
-        binding = new.inputs.add(key=key).value.arguments.add()
-        _tensor_value(binding.value, proto_dtype, shape, offset)
+    for blob in blobs:
+        binding = new.inputs.add(key=blob["key"]).value.arguments.add()
+        _tensor_value(binding.value, blob)
     new.outputs.add().CopyFrom(old.outputs[0])
     name = entry(old.attributes, "name")
     if name is not None:
@@ -513,9 +531,11 @@ def compress(
             sizes = [candidates[i].ref.blob.size for i in firsts]
             for j, result in enumerate(_run_jobs(jobs, workers, sizes, progress)):
                 if scratch is not None and "blobs" in result:
-                    result["records"] = [scratch.add_bytes(name, raw, padding) for _, name, _, raw, padding, _ in result["blobs"]]
-                    # the encoded bytes are in the scratch file now: keep only what describes them
-                    result["blobs"] = [(k, n, s, None, p, size) for k, n, s, _, p, size in result["blobs"]]
+                    for b in result["blobs"]:
+                        if not b["inline"]:
+                            # the encoded bytes go to the scratch file; keep what describes them
+                            b["record"] = scratch.add_bytes(b["dtype"], b["raw"], b["padding"])
+                            b["raw"] = None
                 results[j] = result
             if scratch is not None:
                 scratch.close()
@@ -533,7 +553,7 @@ def compress(
             removed_blobs: dict[tuple[int, int], int] = {}
             for j, ops in users.items():
                 c, r = candidates[firsts[j]], results[j]
-                after = sum(size for *_, size in r["blobs"])
+                after = sum(b["size"] for b in r["blobs"])
                 report.weights.append(
                     WeightReport(
                         ops=ops, shape=list(c.shape), dtype=c.dtype, op_type=r["op_type"], axis=c.axis,
@@ -547,7 +567,9 @@ def compress(
             report.weights_compressed = len(report.weights)
 
             if dry_run:
-                added = sum(RECORD_SIZE + align(b[-1], ALIGNMENT) for j in users for b in results[j]["blobs"])
+                added = sum(
+                    RECORD_SIZE + align(b["size"], ALIGNMENT) for j in users for b in results[j]["blobs"] if not b["inline"]
+                )
                 gone = sum(RECORD_SIZE + align(size, ALIGNMENT) for size in removed_blobs.values())
                 report.bytes_after = max(0, report.bytes_before - gone + added)
                 report.seconds = time.perf_counter() - start
@@ -567,15 +589,13 @@ def compress(
                     for (fname, path, index), (c, r) in by_place.items():
                         block = _block_at(functions[fname], path)
                         old = block.operations[index]
-                        inputs = [
-                            (key, BLOB_DTYPE_BY_NAME[name].proto, shape, rec)
-                            for (key, name, shape, *_), rec in zip(r["blobs"], r["records"])
-                        ]
-                        old.CopyFrom(_constexpr_op(old, r["op_type"], inputs))
-                        for e, rec in zip(old.inputs, r["records"]):
+                        old.CopyFrom(_constexpr_op(old, r["op_type"], r["blobs"]))
+                        for e, b in zip(old.inputs, r["blobs"]):
+                            if b["inline"]:
+                                continue
                             value = e.value.arguments[0].value
                             ref = BlobRef(fname, old.type, c.var, f"inputs[{e.key}][0]", value)
-                            kept.append((ref, ResolvedRef(ref, scratch_file, scratch_file.blobs[rec])))
+                            kept.append((ref, ResolvedRef(ref, scratch_file, scratch_file.blobs[b["record"]])))
                     if replaced:
                         _set_metadata(model, config.describe() + f" min_elements={min_elements}")
                     return kept

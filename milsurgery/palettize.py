@@ -68,6 +68,28 @@ def _sklearn_kmeans():
     return KMeans
 
 
+def _cluster_weighted(distinct: np.ndarray, counts: np.ndarray, k: int) -> tuple[list, np.ndarray]:
+    """Optimal 1-D k-means of ``distinct`` values repeated ``counts`` times: (centroids, the
+    cluster of each distinct value).
+
+    kmeans1d releases that take ``weights`` solve it on the distinct values directly (as the
+    copy coremltools bundles does); older ones (0.5 and before) get the values repeated, which is
+    the same problem: the clusters are ranges of the sorted values and each distinct value's
+    copies sit together, so the first copy's cluster is every copy's.
+    """
+    import inspect
+
+    import numpy as np
+
+    cluster = _kmeans1d().cluster
+    if "weights" in inspect.signature(cluster).parameters:
+        result = cluster(distinct, k, weights=counts)
+        return result.centroids, np.asarray(result.clusters)
+    result = cluster(np.repeat(distinct, counts), k)
+    first = np.cumsum(counts) - counts
+    return result.centroids, np.asarray(result.clusters)[first]
+
+
 def _kmeans(values: np.ndarray, nbits: int) -> tuple[np.ndarray, np.ndarray]:
     import numpy as np
 
@@ -77,9 +99,9 @@ def _kmeans(values: np.ndarray, nbits: int) -> tuple[np.ndarray, np.ndarray]:
     if values.dtype == np.float16 and n >= KMEANS1D_MIN_VALUES:
         distinct, inverse, counts = np.unique(values, return_inverse=True, return_counts=True)
         k = min(len(distinct), size)
-        result = _kmeans1d().cluster(distinct, k, weights=counts)
-        lut[:k] = result.centroids
-        codes = np.asarray(result.clusters)[inverse.ravel()]
+        centroids, clusters = _cluster_weighted(distinct, counts, k)
+        lut[:k] = centroids
+        codes = clusters[inverse.ravel()]
     else:
         import warnings
 
