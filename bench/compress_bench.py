@@ -7,7 +7,7 @@ then runs, each step in its own process:
   NBITS --group-size G`` of the merged package (k-means, as coremltools);
 * ``coremltools``: what deployers do today, since coremltools refuses to compress a
   multifunction model: ``palettize_weights`` on each function's package separately (the same
-  configuration: ``OpPalettizerConfig(nbits, mode="kmeans", granularity="per_grouped_channel",
+  configuration: ``OpPalettizerConfig(nbits, mode, granularity="per_grouped_channel",
   group_size=G)``), then ``save_multifunction`` of the two compressed packages.
 
 Reported per pipeline: wall time of each step and in total, the peak resident memory (the sum of
@@ -17,7 +17,7 @@ workers are children), and the output weight.bin size; and the ratios milsurgery
 the repository root::
 
     python bench/compress_bench.py --size 1024           # >= 1 GiB of fp16 per function
-    python bench/compress_bench.py --size 64 --json out.json
+    python bench/compress_bench.py --size 64 --mode uniform --json out.json
 
 Needs coremltools, kmeans1d and scikit-learn (``pip install '.[test]'``).
 """
@@ -42,9 +42,9 @@ PALETTIZE = """
 import sys
 import coremltools as ct
 from coremltools.optimize.coreml import OpPalettizerConfig, OptimizationConfig, palettize_weights
-src, out, nbits, group = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4])
+src, out, nbits, group, mode = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), sys.argv[5]
 model = ct.models.MLModel(src, skip_model_load=True)
-config = OpPalettizerConfig(nbits=nbits, mode="kmeans", granularity="per_grouped_channel", group_size=group)
+config = OpPalettizerConfig(nbits=nbits, mode=mode, granularity="per_grouped_channel", group_size=group)
 palettize_weights(model, OptimizationConfig(global_config=config)).save(out)
 """
 
@@ -97,7 +97,7 @@ def timed(cmd: list[str]) -> dict:
     return {"seconds": round(wall, 2), "peak_rss_mib": round(peak / 1024, 1)}
 
 
-def run(workdir: str, size_mib: int, nbits: int, group: int, reference: bool) -> dict:
+def run(workdir: str, size_mib: int, nbits: int, group: int, mode: str, reference: bool) -> dict:
     infer, prefill = build_pair(workdir, size_mib)
     py = sys.executable
     env_cmd = [py, "-m", "milsurgery"]
@@ -112,18 +112,18 @@ def run(workdir: str, size_mib: int, nbits: int, group: int, reference: bool) ->
     steps["milsurgery"]["merge"] = timed([*env_cmd, "merge", f"{infer}:main=infer", f"{prefill}:main=prefill", "-o", merged, "--quiet"])
     settle()
     steps["milsurgery"]["compress"] = timed(
-        [*env_cmd, "compress", merged, "-o", compressed, "--palettize", str(nbits), "--group-size", str(group), "--quiet"]
+        [*env_cmd, "compress", merged, "-o", compressed, "--palettize", str(nbits), "--group-size", str(group), "--mode", mode, "--quiet"]
     )
-    result = {"size_mib": size_mib, "nbits": nbits, "group_size": group, "cores": os.cpu_count(),
+    result = {"size_mib": size_mib, "nbits": nbits, "group_size": group, "mode": mode, "cores": os.cpu_count(),
               "input_weight_bytes": os.path.getsize(weight_bin(infer)), "steps": steps,
               "output_bytes": {"milsurgery": os.path.getsize(weight_bin(compressed))}}
     if reference:
         pa, pb_ = os.path.join(out, "infer-pal.mlpackage"), os.path.join(out, "prefill-pal.mlpackage")
         ref_out = os.path.join(out, "ct-multifunction.mlpackage")
         settle()
-        steps["coremltools"]["palettize infer"] = timed([py, "-c", PALETTIZE, infer, pa, str(nbits), str(group)])
+        steps["coremltools"]["palettize infer"] = timed([py, "-c", PALETTIZE, infer, pa, str(nbits), str(group), mode])
         settle()
-        steps["coremltools"]["palettize prefill"] = timed([py, "-c", PALETTIZE, prefill, pb_, str(nbits), str(group)])
+        steps["coremltools"]["palettize prefill"] = timed([py, "-c", PALETTIZE, prefill, pb_, str(nbits), str(group), mode])
         settle()
         steps["coremltools"]["save_multifunction"] = timed([py, "-c", SAVE_MULTIFUNCTION, pa, pb_, ref_out])
         result["output_bytes"]["coremltools"] = os.path.getsize(weight_bin(ref_out))
@@ -147,7 +147,7 @@ def run(workdir: str, size_mib: int, nbits: int, group: int, reference: bool) ->
 
 def render(r: dict) -> str:
     lines = [f"LLM-like pair, {r['size_mib']} MiB of fp16 per function ({r['input_weight_bytes']} bytes), "
-             f"palettize {r['nbits']} bits, group size {r['group_size']}, {r['cores']} cores"]
+             f"palettize {r['nbits']} bits {r['mode']}, group size {r['group_size']}, {r['cores']} cores"]
     for name, steps in r["steps"].items():
         for step, x in steps.items():
             lines.append(f"  {name:12s} {step:20s} {x['seconds']:9.2f} s  peak RSS {x['peak_rss_mib']:9.1f} MiB")
@@ -164,12 +164,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--size", type=int, default=1024, help="MiB of fp16 weights per function (default 1024)")
     ap.add_argument("--nbits", type=int, default=4)
     ap.add_argument("--group-size", type=int, default=16)
+    ap.add_argument("--mode", default="kmeans", choices=["kmeans", "uniform"])
     ap.add_argument("--no-reference", action="store_true", help="skip coremltools' pipeline")
     ap.add_argument("--workdir", default=os.path.join(HERE, "out"))
     ap.add_argument("--json", metavar="PATH", help="also write the results as JSON")
     args = ap.parse_args(argv)
     os.makedirs(args.workdir, exist_ok=True)
-    result = run(args.workdir, args.size, args.nbits, args.group_size, not args.no_reference)
+    result = run(args.workdir, args.size, args.nbits, args.group_size, args.mode, not args.no_reference)
     print(render(result))
     if args.json:
         with open(args.json, "w") as f:

@@ -34,7 +34,6 @@ import os
 import shutil
 import tempfile
 import time
-from collections import deque
 from dataclasses import asdict, dataclass, field
 
 from ._proto import milsurgery_spec_pb2 as pb
@@ -327,8 +326,9 @@ def _compress_one(job: tuple) -> dict:
     import numpy as np
 
     path, offset, count, dtype, shape, grouping, config, encode = job
-    values = np.fromfile(path, dtype="<f2" if dtype == "float16" else "<f4", count=count, offset=offset)
-    values = values.astype(np.float16 if dtype == "float16" else np.float32).reshape(shape)
+    np_type = np.dtype("<f2" if dtype == "float16" else "<f4")
+    values = np.fromfile(path, dtype=np_type, count=count, offset=offset)  # the one copy of the weight
+    values = values.astype(np_type.newbyteorder("="), copy=False).reshape(shape)
     if not np.all(np.isfinite(values)):
         return {"skip": "holds inf or NaN values"}
     errors = ErrorSums()
@@ -353,42 +353,54 @@ def _compress_one(job: tuple) -> dict:
     return {"op_type": op_type, "blobs": out, "relative_rms": errors.relative_rms, "max_abs": errors.max_abs}
 
 
+def _worker_init() -> None:
+    """Parallelism is across weights: each worker's numeric libraries get one thread."""
+    try:
+        from threadpoolctl import threadpool_limits
+    except ImportError:
+        return
+    threadpool_limits(1)
+
+
 def _run_jobs(jobs: list[tuple], workers: int, sizes: list[int], progress: Progress | None):
-    """Yield each job's result in order; at most ``2 * workers`` jobs in flight."""
+    """Yield ``(job number, result)`` as jobs finish; at most ``2 * workers`` jobs in flight, so
+    at most that many weights (and their encoded forms) are in memory at once."""
     total, done = sum(sizes), 0
     if workers <= 1 or len(jobs) <= 1:
-        for job, size in zip(jobs, sizes):
+        for j, job in enumerate(jobs):
             result = _compress_one(job)
-            done += size
+            done += sizes[j]
             if progress:
                 progress("compressing", done, total)
-            yield result
+            yield j, result
         return
     import multiprocessing
-    from concurrent.futures import ProcessPoolExecutor
+    from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 
     # Workers start from a clean process, never a fork of this one: a fork of a process whose
     # OpenMP runtime (scikit-learn's) has started threads can hang in the child.
     methods = multiprocessing.get_all_start_methods()
     context = multiprocessing.get_context("forkserver" if "forkserver" in methods else "spawn")
-    pool = ProcessPoolExecutor(max_workers=workers, mp_context=context)
+    pool = ProcessPoolExecutor(max_workers=workers, mp_context=context, initializer=_worker_init)
     try:
-        pending: deque = deque()
-        it = iter(zip(jobs, sizes))
-        for job, size in it:
-            pending.append((pool.submit(_compress_one, job), size))
+        pending: dict = {}
+        queue = iter(range(len(jobs)))
+        for j in queue:
+            pending[pool.submit(_compress_one, jobs[j])] = j
             if len(pending) >= 2 * workers:
                 break
         while pending:
-            fut, size = pending.popleft()
-            result = fut.result()
-            for job, nxt in it:
-                pending.append((pool.submit(_compress_one, job), nxt))
-                break
-            done += size
-            if progress:
-                progress("compressing", done, total)
-            yield result
+            finished, _ = wait(pending, return_when=FIRST_COMPLETED)
+            for fut in finished:
+                j = pending.pop(fut)
+                result = fut.result()
+                for nxt in queue:
+                    pending[pool.submit(_compress_one, jobs[nxt])] = nxt
+                    break
+                done += sizes[j]
+                if progress:
+                    progress("compressing", done, total)
+                yield j, result
     finally:
         pool.shutdown(wait=True, cancel_futures=True)
 
@@ -529,7 +541,7 @@ def compress(
                 )
                 scratch = BlobWriter(os.path.join(scratch_dir, "compressed.bin"), sync=False)
             sizes = [candidates[i].ref.blob.size for i in firsts]
-            for j, result in enumerate(_run_jobs(jobs, workers, sizes, progress)):
+            for j, result in _run_jobs(jobs, workers, sizes, progress):
                 if scratch is not None and "blobs" in result:
                     for b in result["blobs"]:
                         if not b["inline"]:

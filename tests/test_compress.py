@@ -272,8 +272,12 @@ def test_merged_functions_share_every_compressed_weight(llm_pair, tmp_path):
     single, multi = str(tmp_path / "single.mlpackage"), str(tmp_path / "multi.mlpackage")
     # min_elements keeps this to the four 16,384-value weights (k-means through kmeans1d: quick)
     compress(infer, single, palettize_bits=4, min_elements=8192, workers=1)
-    report = compress(merged, multi, palettize_bits=4, min_elements=8192, workers=1)
+    report = compress(merged, multi, palettize_bits=4, min_elements=8192, workers=2)
     assert report.weights_compressed == 4
+    # the same compressed blobs as the single function's, computed in worker processes
+    alone = _constexpr_ops(single)["main"]
+    for name, op in alone.items():
+        assert {k: v[3] for k, v in op["inputs"].items()} == {k: v[3] for k, v in _constexpr_ops(multi)["infer"][name]["inputs"].items()}
     ops = _constexpr_ops(multi)
     # Each distinct weight compressed once; both functions reference the same blobs.
     assert report.consts_replaced == 2 * report.weights_compressed == 2 * len(ops["infer"])
