@@ -40,7 +40,7 @@ from ._proto import milsurgery_spec_pb2 as pb
 from .assemble import Pick, Progress, WriteReport, write_package
 from .blobfile import BlobFile, BlobWriter, pack_bits
 from .coalesce import BlobSource, group_identical
-from .errors import UsageError
+from .errors import DestinationExistsError, UsageError, WriteError
 from .formats import (
     ALIGNMENT,
     BLOB_DTYPE_BY_NAME,
@@ -104,8 +104,7 @@ class CompressReport:
         return self.write.warnings if self.write else []
 
     def to_dict(self) -> dict:
-        d = asdict(self)
-        return d
+        return asdict(self)
 
 
 # -- configuration -------------------------------------------------------------------------------
@@ -524,17 +523,12 @@ def compress(
             if os.path.realpath(dest) == os.path.realpath(pkg.path):
                 raise UsageError(f"{dest}: the output cannot be the source")
             if os.path.lexists(dest) and not force:
-                from .errors import DestinationExistsError
-
                 raise DestinationExistsError(f"{dest}: already exists (use --force to replace it)")
             if not os.path.isdir(os.path.dirname(dest)):
-                from .errors import WriteError
-
                 raise WriteError(f"{dest}: parent directory {os.path.dirname(dest)} does not exist")
-        scratch_dir = None
+        scratch_dir = scratch = None
         try:
             results: list[dict | None] = [None] * len(jobs)
-            scratch = None
             if not dry_run:
                 scratch_dir = tempfile.mkdtemp(
                     prefix=f".{os.path.basename(dest)}{PARTIAL_MARKER}{os.getpid()}-scratch-", dir=os.path.dirname(dest)
@@ -621,6 +615,8 @@ def compress(
                 )
             report.bytes_after = report.write.bytes_written
         finally:
+            if scratch is not None and not scratch.closed:
+                scratch.abort()
             if scratch_dir is not None:
                 shutil.rmtree(scratch_dir, ignore_errors=True)
     report.seconds = time.perf_counter() - start
