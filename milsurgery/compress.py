@@ -38,7 +38,7 @@ from dataclasses import asdict, dataclass, field
 
 from ._proto import milsurgery_spec_pb2 as pb
 from .assemble import Pick, Progress, WriteReport, write_package
-from .blobfile import BlobFile, BlobWriter, pack_bits
+from .blobfile import BlobFile, BlobWriter
 from .coalesce import BlobSource, group_identical
 from .errors import DestinationExistsError, UsageError, WriteError
 from .formats import (
@@ -51,7 +51,7 @@ from .formats import (
     align,
 )
 from .package import PARTIAL_MARKER, Package, ResolvedRef
-from .palettize import MODES, SUPPORTED_NBITS, ErrorSums, palettize
+from .palettize import MODES, SUPPORTED_NBITS, ErrorSums, pack_codes, palettize
 from .quantize import QUANT_DTYPES, quantize
 from .spec import BlobRef, entry
 
@@ -316,7 +316,7 @@ def _grouping(c: _Candidate, config: _Config) -> tuple:
 def _encode(name: str, values) -> tuple[str, bytes, int]:
     d = BLOB_DTYPE_BY_NAME[name]
     if d.sub_byte:
-        return name, pack_bits(values, d.bits), (-values.size * d.bits) % 8
+        return name, pack_codes(values, d.bits), (-values.size * d.bits) % 8
     return name, values.astype(d.numpy).tobytes(), 0
 
 

@@ -35,6 +35,7 @@ __all__ = [
     "group_lut",
     "palettize",
     "ErrorSums",
+    "pack_codes",
 ]
 
 #: Index widths Core ML's ``constexpr_lut_to_dense`` accepts.
@@ -204,3 +205,30 @@ def palettize(
     lut_shape[0], lut_shape[-2] = groups, 1 << nbits
     lut = np.swapaxes(np.stack(luts).reshape(lut_shape), 0, axis)
     return np.ascontiguousarray(indices), np.ascontiguousarray(lut)
+
+
+def pack_codes(codes: np.ndarray, bits: int) -> bytes:
+    """Pack unsigned integer codes LSB-first, ``bits`` bits each (element i at bits
+    [i*b, i*b+b)), as MIL blob storage holds sub-byte data; negative codes (int4) are stored
+    two's complement.
+
+    Works on 24-bit words (3, 4, 6, 8, 12 or 24 codes each for 8, 6, 4, 3, 2, 1 bits), so
+    temporary memory is about 1.4 bytes per code, not a byte per bit.
+    """
+    import numpy as np
+
+    if 24 % bits:
+        raise ValueError(f"cannot pack {bits}-bit codes")
+    per_word = 24 // bits
+    flat = np.asarray(codes).reshape(-1)
+    n = flat.size
+    padded = -n % per_word
+    if padded:
+        flat = np.concatenate([flat, np.zeros(padded, dtype=flat.dtype)])
+    columns = flat.reshape(-1, per_word)
+    mask = (1 << bits) - 1
+    words = np.zeros(columns.shape[0], dtype="<u4")
+    for i in range(per_word):
+        words |= (columns[:, i].astype(np.int64) & mask).astype("<u4") << np.uint32(bits * i)
+    packed = words.view(np.uint8).reshape(-1, 4)[:, :3].reshape(-1)
+    return packed[: (n * bits + 7) // 8].tobytes()

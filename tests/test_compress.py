@@ -360,3 +360,19 @@ def test_cli_json_report(mixed, tmp_path, capsys):
     assert report["bytes_after"] < report["bytes_before"] / 3
     assert {w["op_type"] for w in report["weights"]} == {"constexpr_blockwise_shift_scale"}
     assert all(0 < w["relative_rms"] < 0.2 and w["max_abs_error"] > 0 for w in report["weights"])
+
+
+@pytest.mark.parametrize("bits", [1, 2, 3, 4, 6, 8])
+def test_pack_codes_is_the_blob_layout(bits):
+    """The worker's packer writes what the blob writer's generic packer writes (LSB-first), for
+    lengths that do and do not fill a byte."""
+    from milsurgery.blobfile import pack_bits
+    from milsurgery.palettize import pack_codes
+
+    rng = np.random.default_rng(bits)
+    for n in (1, 5, 8, 23, 24, 25, 1001):
+        codes = rng.integers(0, 1 << bits, n).astype(np.uint8)
+        assert pack_codes(codes, bits) == pack_bits(codes, bits)
+    if bits == 4:  # FORMATS.md's worked example, and int4 two's complement
+        assert pack_codes(np.array([1, 2, 3, 15, 0]), 4) == bytes.fromhex("21f300")
+        assert pack_codes(np.array([-1, 7, -8]), 4) == bytes.fromhex("7f08")
