@@ -32,6 +32,7 @@ from __future__ import annotations
 import fnmatch
 import os
 import shutil
+import sys
 import tempfile
 import time
 from dataclasses import asdict, dataclass, field
@@ -376,10 +377,15 @@ def _run_jobs(jobs: list[tuple], workers: int, sizes: list[int], progress: Progr
     import multiprocessing
     from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 
-    # Workers start from a clean process, never a fork of this one: a fork of a process whose
-    # OpenMP runtime (scikit-learn's) has started threads can hang in the child.
+    # Workers are forks of this process (quick, and they need no importable main module) unless
+    # scikit-learn is loaded here: a fork of a process whose OpenMP runtime has started threads
+    # can hang in the child, so then they start from a clean process instead.
     methods = multiprocessing.get_all_start_methods()
-    context = multiprocessing.get_context("forkserver" if "forkserver" in methods else "spawn")
+    if "fork" in methods and "sklearn" not in sys.modules:
+        method = "fork"
+    else:
+        method = "forkserver" if "forkserver" in methods else "spawn"
+    context = multiprocessing.get_context(method)
     pool = ProcessPoolExecutor(max_workers=workers, mp_context=context, initializer=_worker_init)
     try:
         pending: dict = {}
