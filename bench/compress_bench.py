@@ -10,7 +10,7 @@ then runs, each step in its own process:
   configuration: ``OpPalettizerConfig(nbits, mode, granularity="per_grouped_channel",
   group_size=G)``), then ``save_multifunction`` of the two compressed packages.
 
-Reported per pipeline: wall time of each step and in total, the peak resident memory (the sum of
+Reported per pipeline: wall and CPU time of each step and in total, the peak resident memory (the sum of
 VmRSS over the step's process and its children, sampled every few milliseconds: milsurgery's
 workers are children), and the output weight.bin size; and the ratios milsurgery / coremltools.
 ``coremltools palettize (one function)`` is the time of palettizing one package alone. Run from
@@ -82,19 +82,26 @@ def _tree_rss_kib(pid: int) -> int:
 
 
 def timed(cmd: list[str]) -> dict:
-    """Run ``cmd``: wall seconds and the peak of its process tree's summed resident memory."""
+    """Run ``cmd``: wall seconds, CPU seconds (user + system of the process and the children it
+    waited for: less sensitive than wall time to other load on the machine) and the peak of its
+    process tree's summed resident memory."""
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [ROOT, os.environ.get("PYTHONPATH")])))
     start = time.perf_counter()
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env)
     peak = 0
-    while proc.poll() is None:
+    while True:
         peak = max(peak, _tree_rss_kib(proc.pid))
+        pid, status, usage = os.wait4(proc.pid, os.WNOHANG)
+        if pid:
+            break
         time.sleep(0.005)
     wall = time.perf_counter() - start
+    proc.returncode = os.waitstatus_to_exitcode(status)
     stderr = proc.stderr.read().decode(errors="replace")
     if proc.returncode != 0:
         raise SystemExit(f"{' '.join(cmd[:5])} ... failed:\n{stderr[-3000:]}")
-    return {"seconds": round(wall, 2), "peak_rss_mib": round(peak / 1024, 1)}
+    cpu = usage.ru_utime + usage.ru_stime
+    return {"seconds": round(wall, 2), "cpu_seconds": round(cpu, 2), "peak_rss_mib": round(peak / 1024, 1)}
 
 
 def run(workdir: str, size_mib: int, nbits: int, group: int, mode: str, reference: bool) -> dict:
@@ -131,6 +138,7 @@ def run(workdir: str, size_mib: int, nbits: int, group: int, mode: str, referenc
         if s:
             result[name] = {
                 "seconds": round(sum(x["seconds"] for x in s.values()), 2),
+                "cpu_seconds": round(sum(x["cpu_seconds"] for x in s.values()), 2),
                 "peak_rss_mib": max(x["peak_rss_mib"] for x in s.values()),
             }
     if reference:
@@ -139,6 +147,8 @@ def run(workdir: str, size_mib: int, nbits: int, group: int, mode: str, referenc
             "output size milsurgery/coremltools": round(result["output_bytes"]["milsurgery"] / result["output_bytes"]["coremltools"], 3),
             "wall milsurgery total/coremltools total": round(result["milsurgery"]["seconds"] / result["coremltools"]["seconds"], 3),
             "milsurgery compress/coremltools palettize (one function)": round(steps["milsurgery"]["compress"]["seconds"] / one, 3),
+            "CPU milsurgery compress/coremltools palettize (one function)": round(
+                steps["milsurgery"]["compress"]["cpu_seconds"] / steps["coremltools"]["palettize infer"]["cpu_seconds"], 3),
             "peak RSS milsurgery/coremltools": round(result["milsurgery"]["peak_rss_mib"] / result["coremltools"]["peak_rss_mib"], 3),
         }
     shutil.rmtree(out, ignore_errors=True)
@@ -150,9 +160,9 @@ def render(r: dict) -> str:
              f"palettize {r['nbits']} bits {r['mode']}, group size {r['group_size']}, {r['cores']} cores"]
     for name, steps in r["steps"].items():
         for step, x in steps.items():
-            lines.append(f"  {name:12s} {step:20s} {x['seconds']:9.2f} s  peak RSS {x['peak_rss_mib']:9.1f} MiB")
+            lines.append(f"  {name:12s} {step:20s} {x['seconds']:9.2f} s  CPU {x['cpu_seconds']:9.2f} s  peak RSS {x['peak_rss_mib']:9.1f} MiB")
         if name in r:
-            lines.append(f"  {name:12s} {'total':20s} {r[name]['seconds']:9.2f} s  peak RSS {r[name]['peak_rss_mib']:9.1f} MiB"
+            lines.append(f"  {name:12s} {'total':20s} {r[name]['seconds']:9.2f} s  CPU {r[name]['cpu_seconds']:9.2f} s  peak RSS {r[name]['peak_rss_mib']:9.1f} MiB"
                          f"  output {r['output_bytes'][name]} bytes")
     for k, v in r.get("ratios", {}).items():
         lines.append(f"  {k}: {v}")

@@ -354,7 +354,13 @@ def _compress_one(job: tuple) -> dict:
 
 
 def _worker_init() -> None:
-    """Parallelism is across weights: each worker's numeric libraries get one thread."""
+    """Parallelism is across weights: each worker's numeric libraries get one thread. The
+    parent handles interruption: workers ignore Ctrl-C and end at once on SIGTERM (whatever
+    handlers a forked worker inherited)."""
+    import signal
+
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
     try:
         from threadpoolctl import threadpool_limits
     except ImportError:
@@ -406,8 +412,16 @@ def _run_jobs(jobs: list[tuple], workers: int, sizes: list[int], progress: Progr
                 if progress:
                     progress("compressing", done, total)
                 yield j, result
-    finally:
-        pool.shutdown(wait=True, cancel_futures=True)
+    except BaseException:
+        # Interrupted or failed: stop the workers now rather than wait for their weights.
+        procs = list((getattr(pool, "_processes", None) or {}).values())
+        for proc in procs:
+            proc.terminate()
+        for proc in procs:
+            proc.join(5)
+        pool.shutdown(wait=False, cancel_futures=True)  # waiting could hang on the dead workers' queue
+        raise
+    pool.shutdown(wait=True)
 
 
 # -- the rewrite -----------------------------------------------------------------------------------
