@@ -39,8 +39,6 @@ __all__ = ["Pick", "WriteReport", "build_model", "write_package", "values_equal"
 
 #: progress(phase, done, total): phase names the work ("copying"); done and total are bytes.
 Progress = Callable[[str, int, int], None]
-#: rewrite(model, pairs) -> pairs: a last change to the output spec before blobs are written.
-Rewrite = Callable[[pb.Model, "list[tuple[BlobRef, ResolvedRef]]"], "list[tuple[BlobRef, ResolvedRef]]"]
 
 
 @dataclass(frozen=True)
@@ -69,6 +67,7 @@ class WriteReport:
     bytes_written: int = 0  # size of the output weight.bin
     seconds: float = 0.0
     warnings: list[str] = field(default_factory=list)
+    adoption: dict | None = None  # near-duplicate adoption's report (AdoptReport.to_dict), if asked
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -252,23 +251,22 @@ def write_package(
     sync: bool = True,
     progress: Progress | None = None,
     check: Callable[[str], None] | None = None,
-    rewrite: Rewrite | None = None,
+    adjust: Callable[[pb.Model, list[tuple[BlobRef, ResolvedRef]]], list[tuple[BlobRef, ResolvedRef]]] | None = None,
 ) -> WriteReport:
     """Write a new package holding ``picks`` to ``dest`` atomically; see the module docstring.
 
-    ``rewrite``, if given, is called with the output spec and its blob references right after
-    step 1 and returns the references to write instead (it may change the spec's graphs and
-    point new references at blobs of other files, e.g. compressed forms; see
-    :mod:`milsurgery.compress`).
-
     ``sync=False`` skips flushing the output to disk (see :class:`StagedPackage`). ``check`` is
     called with the staged package's directory before it is moved into place; an exception from
-    it leaves ``dest`` as it was (see :meth:`StagedPackage.commit`)."""
+    it leaves ``dest`` as it was (see :meth:`StagedPackage.commit`). ``adjust(model, pairs)``,
+    called once the output spec is built, may return the pairs with some references paired with
+    other source blobs (and edit the model's metadata): near-duplicate adoption uses it;
+    compression also replaces ops in the graphs and pairs the new references with blobs of a
+    scratch file (see :mod:`milsurgery.compress`)."""
     start = time.perf_counter()
     warnings: list[str] = []
     model, pairs = build_model(picks, default=default, single=single, spec_version=spec_version, warnings=warnings)
-    if rewrite is not None:
-        pairs = rewrite(model, pairs)
+    if adjust is not None:
+        pairs = adjust(model, pairs)
     report = WriteReport(
         output=os.path.abspath(os.fspath(dest)),
         functions=[MAIN_FUNCTION] if single else [p.new_name for p in picks],

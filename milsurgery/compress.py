@@ -18,7 +18,7 @@ use it, so sharing survives by construction:
    :mod:`milsurgery.palettize` or :mod:`milsurgery.quantize`, measures the reconstruction
    error and returns the encoded blobs (indices + LUT, or data + scale), which are appended to a
    scratch blob file beside the destination; at most two weights per worker are in flight;
-4. write the package with :func:`milsurgery.assemble.write_package`, whose rewrite step replaces
+4. write the package with :func:`milsurgery.assemble.write_package`, whose ``adjust`` step replaces
    each candidate ``const`` by the one constexpr op coremltools emits (``constexpr_lut_to_dense``
    with ``indices``/``lut``, or ``constexpr_blockwise_shift_scale`` with ``data``/``scale``, both
    bound to blob values), keeping the output variable's name and type so no consumer changes;
@@ -61,7 +61,7 @@ __all__ = ["compress", "CompressReport", "WeightReport", "METADATA_KEY", "DEFAUL
 #: Weights with at most this many elements stay as they are (coremltools' ``weight_threshold``).
 DEFAULT_MIN_ELEMENTS = 2048
 #: User-defined metadata key of the output that records the compression configuration.
-METADATA_KEY = "com.github.milsurgery.compress"
+METADATA_KEY = "milsurgery.compressed"
 #: Compressed tensors with fewer elements are written into the spec, not the weight file.
 INLINE_LIMIT = 10
 #: Lowest spec version whose opset has the iOS 18 constexpr ops written here.
@@ -631,7 +631,7 @@ def compress(
                 report.write = write_package(
                     dest, picks, default=pkg.default_function, single=single,
                     spec_version=pkg.model.specificationVersion, force=force, sync=sync,
-                    progress=progress, rewrite=rewrite,
+                    progress=progress, adjust=rewrite,
                 )
             report.bytes_after = report.write.bytes_written
         finally:

@@ -246,7 +246,7 @@ def test_min_elements_skip_and_dry_run(mixed, tmp_path):
     assert os.listdir(tmp_path) == before
     assert dry.dry_run and dry.weights_compressed == 3 and 0 < dry.bytes_after < dry.bytes_before
     spec = checks.ct_spec(out)
-    assert "palettize nbits=4" in spec.description.metadata.userDefined["com.github.milsurgery.compress"]
+    assert "palettize nbits=4" in spec.description.metadata.userDefined["milsurgery.compressed"]
 
 
 @pytest.fixture(scope="module")
