@@ -39,6 +39,11 @@ COVERED_ELSEWHERE = {
     "bench/load_memory.py": "tests/test_load_memory_harness.py",
 }
 
+#: bench scripts shown in the README that no test runs yet, with the reason; each is a gap.
+NOT_RUN = {
+    "bench/compress_bench.py": "minutes at the size the README shows; no small-size test of it exists yet",
+}
+
 
 def _llm(seq_len: int, seed: int = 0):
     def build(path: str, _work: str) -> None:
@@ -105,7 +110,7 @@ def plan(text: str) -> list[tuple[str, str, int, int]]:
                 if not runnable:
                     continue
                 command = " && ".join(runnable)
-            scripts = [s for s in COVERED_ELSEWHERE if s in command]
+            scripts = [s for s in (*COVERED_ELSEWHERE, *NOT_RUN) if s in command]
             if scripts:
                 continue
             command = command.replace(".venv/bin/python", "python")
