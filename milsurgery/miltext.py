@@ -692,6 +692,7 @@ class _Parser:
 
     def block(self, block: pb.Block) -> None:
         self.enter()
+        block.SetInParent()
         if self.accept("("):
             if not self.accept(")"):
                 while True:
@@ -736,6 +737,7 @@ class _Parser:
         self.take(";")
 
     def argument(self, arg: pb.Argument) -> None:
+        arg.SetInParent()
         if self.accept("("):
             if not self.accept(")"):
                 while True:
@@ -807,6 +809,7 @@ class _Parser:
 
     def value_type(self, vt: pb.ValueType) -> None:
         self.enter()
+        vt.SetInParent()
         at = self.i
         word = self.take("id")
         if word == "tensor":
