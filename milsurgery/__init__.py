@@ -7,12 +7,14 @@ byte-exactly, and copies weight bytes file to file so memory stays flat.
 
 from .assemble import Pick, WriteReport, write_package
 from .blobfile import Blob, BlobFile, BlobWriter
+from .compiled import CompiledModel, open_model
 from .errors import (
     BlobFileError,
     DestinationExistsError,
     FormatError,
     ManifestError,
     MilSurgeryError,
+    MilTextError,
     PackageError,
     SpecError,
     UnsafePathError,
@@ -22,7 +24,9 @@ from .errors import (
 from .inspect import inspect_package
 from .memory import memory_model
 from .merge import merge, parse_source
+from .miltext import parse_program, print_program
 from .package import Package, open_package
+from .show import show
 from .surgery import append, extract, remove, rename, shrink
 from .verify import VerificationFailed, VerifyReport, verify
 
@@ -33,10 +37,12 @@ __all__ = [
     "BlobFile",
     "BlobFileError",
     "BlobWriter",
+    "CompiledModel",
     "DestinationExistsError",
     "FormatError",
     "ManifestError",
     "MilSurgeryError",
+    "MilTextError",
     "Package",
     "PackageError",
     "Pick",
@@ -52,10 +58,14 @@ __all__ = [
     "inspect_package",
     "memory_model",
     "merge",
+    "open_model",
     "open_package",
+    "parse_program",
     "parse_source",
+    "print_program",
     "remove",
     "rename",
+    "show",
     "shrink",
     "verify",
     "write_package",

@@ -173,6 +173,14 @@ def cmd_verify(args) -> int:
     return 0 if report.equivalent else 1
 
 
+def cmd_show(args) -> int:
+    from .show import show
+
+    ops = [t for t in args.ops.split(",") if t] if args.ops else None
+    sys.stdout.write(show(args.package, args.functions, ops=ops, values=not args.no_values))
+    return 0
+
+
 _NO_SYNC_HELP = (
     "do not flush OUT to disk (fsync) before it appears: faster; other programs still see OUT "
     "appear whole, but a power loss or system crash soon after may leave it incomplete"
@@ -247,6 +255,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("sources", nargs="+", metavar="SRC[:FUNC[=NEW]]")
     _add_output_options(p, output=False)
     p.set_defaults(func=cmd_append)
+
+    p = sub.add_parser("show", help="print the program as text (model.mil syntax); reads no weight bytes")
+    p.add_argument("package", metavar="PKG")
+    p.add_argument("functions", nargs="*", metavar="FUNC", help="only these functions (default: all)")
+    p.add_argument("--ops", metavar="TYPE,...", help="only ops of these types")
+    p.add_argument("--no-values", action="store_true", help="elide immediate values of more than 16 elements")
+    p.set_defaults(func=cmd_show)
 
     p = sub.add_parser("verify", help="prove functions of PKG equal their sources (exit 1 if not)")
     p.add_argument("package", metavar="PKG")
