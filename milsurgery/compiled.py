@@ -106,6 +106,22 @@ def _shape(text, where: str, path: str) -> list[int]:
     return items
 
 
+def _ranges(text, where: str, path: str) -> list[tuple[int, int]]:
+    """``shapeRange``: ``"[[1, 4096], [1024, 1024]]"`` (upper bound -1: unbounded)."""
+    try:
+        items = json.loads(text) if isinstance(text, str) else text
+    except (ValueError, RecursionError):
+        items = None
+    ok = isinstance(items, list) and all(
+        isinstance(r, list) and len(r) == 2 and all(isinstance(x, int) and not isinstance(x, bool) for x in r)
+        and 0 <= r[0] < 2**63 and -1 <= r[1] < 2**63
+        for r in items
+    )
+    if not ok:
+        raise FormatError(path, f"{where}.shapeRange: {text!r} is not a list of [lower, upper] pairs")
+    return [(r[0], r[1]) for r in items]
+
+
 class CompiledModel(Package):
     """An opened compiled model (``.mlmodelc``), answering the queries of :class:`Package`.
 
@@ -222,8 +238,12 @@ class CompiledModel(Package):
                 raise FormatError(meta_path, f"{where}.dataType: {dtype!r} is not a known array type")
             arr.dataType = _ARRAY_DTYPES[dtype]
             arr.shape.extend(_shape(item.get("shape", "[]"), where, meta_path))
-            if str(item.get("hasShapeFlexibility", "0")) not in ("0", ""):
-                self.unrecovered.append(f"{item['name']}: flexible shape (ranges or enumerated shapes) not recovered")
+            ranges = item.get("shapeRange")
+            if ranges is not None:
+                for lo, hi in _ranges(ranges, where, meta_path):
+                    arr.shapeRange.sizeRanges.add(lowerBound=lo, upperBound=hi)
+            elif str(item.get("hasShapeFlexibility", "0")) not in ("0", ""):
+                self.unrecovered.append(f"{item['name']}: flexible shape (enumerated shapes) not recovered")
         elif kind == "Int64":
             f.type.int64Type.SetInParent()
         elif kind == "Double":
