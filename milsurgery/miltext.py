@@ -514,10 +514,10 @@ class _Parser:
         self.kinds: list[str] = []
         self.vals: list[str] = []
         self.pos: list[int] = []
+        self._lines: list[int] | None = None
         self._tokenize()
         self.i = 0
         self.depth = 0
-        self._lines: list[int] | None = None
 
     # tokens
     def _tokenize(self) -> None:
@@ -1032,7 +1032,9 @@ class _Parser:
             try:
                 x = float.fromhex(tok) if "x" in tok.lower() else float(tok)
             except (ValueError, OverflowError):
-                self.fail(f"{tok!r} is not a number")
+                self.fail(f"{tok!r} is not a number or out of range")
+            if math.isinf(x):
+                self.fail(f"{tok} is out of range (write inf or -inf for an infinity)")
             self.i += 1
         else:
             self.fail(f"expected a number for {name}, found {tok!r}")
