@@ -8,6 +8,7 @@ byte-exactly, and copies weight bytes file to file so memory stays flat.
 from .assemble import Pick, WriteReport, write_package
 from .blobfile import Blob, BlobFile, BlobWriter
 from .compiled import CompiledModel, open_model
+from .diff import DiffReport, diff
 from .errors import (
     BlobFileError,
     DestinationExistsError,
@@ -39,6 +40,7 @@ __all__ = [
     "BlobWriter",
     "CompiledModel",
     "DestinationExistsError",
+    "DiffReport",
     "FormatError",
     "ManifestError",
     "MilSurgeryError",
@@ -54,6 +56,7 @@ __all__ = [
     "WriteError",
     "WriteReport",
     "append",
+    "diff",
     "extract",
     "inspect_package",
     "memory_model",
