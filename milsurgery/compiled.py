@@ -197,11 +197,15 @@ class CompiledModel(Package):
         for i, item in enumerate(described or []):
             if isinstance(item, dict) and isinstance(item.get("name"), str):
                 by_name[item["name"]] = (item, f"functions[{i}]")
-        for e in program.functions:
-            item, where = by_name.get(e.key, (None, ""))
+        # The order of the description when metadata.json gives one (as a package's spec does),
+        # then functions it does not describe in program order.
+        order = [n for n in by_name if n in names] + [n for n in names if n not in by_name]
+        fns = {e.key: e.value for e in program.functions}
+        for key in order:
+            item, where = by_name.get(key, (None, ""))
             if item is None:
-                self.unrecovered.append(f"function {e.key!r}: I/O not described in metadata.json, rebuilt from its MIL signature")
-            desc.functions.append(self._function_description(e.key, e.value, item or {}, meta_path, where))
+                self.unrecovered.append(f"function {key!r}: I/O not described in metadata.json, rebuilt from its MIL signature")
+            desc.functions.append(self._function_description(key, fns[key], item or {}, meta_path, where))
         default = meta.get("defaultFunctionName")
         if not isinstance(default, str) or default not in names:
             default = names[0]
