@@ -32,7 +32,8 @@ that every program coremltools makes prints and parses back equal, proto for pro
 * a name that is not an identifier is written as a quoted string.
 
 Not represented (dropped on printing): docstrings of values, programs and functions, tensor
-type attributes, and block attributes.
+type attributes, and block attributes. Values held in another TensorValue field than the one
+coremltools uses for their dtype print as what they are, but parse back into that field.
 """
 
 from __future__ import annotations
@@ -175,18 +176,24 @@ _FLOAT_BITS = {_D.FLOAT64: 64, _D.FLOAT32: 32, _D.FLOAT16: 16, _D.BFLOAT16: 16, 
 
 
 def _pack_bits(codes: list[int], bits: int) -> bytes:
-    acc = 0
+    """Pack ``bits``-bit codes LSB first (element i at bits [i*b, i*b+b)), as in weight.bin."""
+    out = bytearray((len(codes) * bits + 7) // 8 + 1)
+    mask = (1 << bits) - 1
     for i, c in enumerate(codes):
-        acc |= (c & ((1 << bits) - 1)) << (i * bits)
-    return acc.to_bytes((len(codes) * bits + 7) // 8, "little")
+        at = i * bits
+        word = (c & mask) << (at & 7)
+        out[at >> 3] |= word & 0xFF
+        out[(at >> 3) + 1] |= word >> 8
+    return bytes(out[:-1])
 
 
 def _unpack_bits(data: bytes, bits: int, count: int, signed: bool) -> list[int]:
-    acc = int.from_bytes(data, "little")
+    padded = bytes(data) + b"\0"
     mask = (1 << bits) - 1
     out = []
     for i in range(count):
-        c = (acc >> (i * bits)) & mask
+        at = i * bits
+        c = ((padded[at >> 3] | padded[(at >> 3) + 1] << 8) >> (at & 7)) & mask
         if signed and c >= 1 << (bits - 1):
             c -= 1 << bits
         out.append(c)
