@@ -23,7 +23,7 @@ import pytest
 import ct_models
 from checks import assert_function_equivalent, ct_load_program, ct_read_referenced_blobs, ct_spec
 from compiled_layout import lay_out_compiled
-from milsurgery import CompiledModel, Package, extract, inspect_package, merge, open_model, show, verify
+from milsurgery import CompiledModel, Package, append, extract, inspect_package, merge, open_model, show, verify
 from milsurgery.cli import main
 from milsurgery.errors import FormatError, MilTextError, PackageError
 from milsurgery.memory import memory_model
@@ -174,6 +174,9 @@ def test_merge_and_extract_take_compiled_sources(built, tmp_path):
     assert spec.description.functions[1].state[0].name == "cache"
     assert ct_read_referenced_blobs(out) > 0
     assert verify(out, [f"{built['mf']}:infer", f"{built['stateful']}:main=stateful"]).equivalent
+    append(out, [f"{built['crepe_c']}:main=crepe"])
+    assert assert_function_equivalent(out, "crepe", built["crepe"], "main") > 0
+    assert ct_read_referenced_blobs(out) > 0
     single = str(tmp_path / "prefill.mlpackage")
     extract(built["mf_c"], ["prefill"], single, single=True)
     assert assert_function_equivalent(single, "main", built["prefill"], "main") > 0
