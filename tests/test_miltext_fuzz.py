@@ -66,7 +66,7 @@ def mutate(text: str, ops) -> str:
     return text
 
 
-@fuzz_settings(300)
+@fuzz_settings(200)
 @given(st.lists(_MUTATION, min_size=1, max_size=4))
 def test_mutated_text_parses_or_fails_with_one_line(ops):
     check(mutate(_SEED, ops))
@@ -77,7 +77,7 @@ _TOKENS = ["program", "(", "1.3", ")", "[", "]", "{", "}", "<", ">", ",", "=", "
            "0x1p+0", "nan", "inf", "true", "BLOBFILE", "path", "offset", "?", "*", "const", "name", "val", "[1, 2]"]
 
 
-@fuzz_settings(300)
+@fuzz_settings(200)
 @given(st.lists(st.sampled_from(_TOKENS), max_size=60))
 def test_token_soup_parses_or_fails_with_one_line(tokens):
     check(" ".join(tokens))
