@@ -125,3 +125,64 @@ def test_nesting_limit_is_named():
     text = _FUNC.format(body="int32 c = const()[val = " + "tuple<" * (MAX_DEPTH + 5) + "int32" + ">" * (MAX_DEPTH + 5) + "(1)];")
     with pytest.raises(MilTextError, match=rf"line 4, column \d+: nested more than {MAX_DEPTH} levels deep"):
         parse_program(text, PATH)
+
+
+# -- compiled model folders ------------------------------------------------------------------------
+
+_JSON = st.recursive(
+    st.none() | st.booleans() | st.integers(-(2**70), 2**70) | st.text(max_size=6) | st.sampled_from(
+        ["MultiArray", "State", "Float16", "Int32", "[1, 4]", "[[1, 4]]", "1", "Image", "main", "f"]),
+    lambda children: st.lists(children, max_size=3) | st.dictionaries(
+        st.sampled_from(["name", "type", "dataType", "shape", "shapeRange", "isOptional", "hasShapeFlexibility",
+                         "inputSchema", "outputSchema", "stateSchema", "functions", "defaultFunctionName",
+                         "specificationVersion", "userDefinedMetadata", "author"]), children, max_size=4),
+    max_leaves=12,
+)
+
+
+@pytest.fixture(scope="module")
+def compiled_seed(tmp_path_factory) -> str:
+    import numpy as np
+
+    import minipkg
+    from compiled_layout import lay_out_compiled
+
+    d = tmp_path_factory.mktemp("fuzz-compiled")
+    pkg = minipkg.make(str(d / "seed.mlpackage"), {
+        "f": [("float16", np.arange(16, dtype=np.float16).reshape(4, 4))],
+        "g": [("uint4", np.array([1, 2, 3, 4, 5])), 0],
+    })
+    return lay_out_compiled(pkg, str(d / "seed.mlmodelc"))
+
+
+@fuzz_settings(50)
+@given(meta=_JSON, ops=st.lists(_MUTATION, max_size=2), where=st.sampled_from(["top", "item", "function"]))
+def test_compiled_folders_fail_only_with_milsurgery_errors(compiled_seed, tmp_path_factory, meta, ops, where):
+    import json
+    import shutil
+
+    from milsurgery import inspect_package, open_model, show
+
+    d = str(tmp_path_factory.mktemp("case") / "m.mlmodelc")
+    shutil.copytree(compiled_seed, d)
+    with open(os.path.join(d, "metadata.json")) as f:
+        original = json.load(f)
+    if where == "top":
+        doc = meta
+    elif where == "item":
+        doc = [meta] if isinstance(meta, dict) else [{"functions": meta}]
+    else:
+        original[0]["functions"][0]["inputSchema"] = [meta]
+        doc = original
+    with open(os.path.join(d, "metadata.json"), "w") as f:
+        json.dump(doc, f)
+    mil = os.path.join(d, "model.mil")
+    with open(mil, encoding="utf-8") as f:
+        text = f.read()
+    with open(mil, "w", encoding="utf-8") as f:
+        f.write(mutate(text, ops))
+    for call in (lambda: open_model(d).close(), lambda: inspect_package(d), lambda: show(d)):
+        try:
+            call()
+        except MilSurgeryError as exc:
+            assert "\n" not in str(exc) and d in str(exc), str(exc)
