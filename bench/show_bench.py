@@ -1,10 +1,11 @@
 """Show benchmark: the program as text with ``milsurgery show`` vs coremltools, in one run.
 
-coremltools prints a program only as its pymil ``Program``: loading the spec with
-``MLModel(path, skip_model_load=True)._mil_program`` runs the milproto loader, which reads every
-weight into numpy, then ``str(program)`` prints it. ``milsurgery show`` parses the spec and the
-blob records and prints, reading no weight bytes. Each tool runs in its own process on the same
-LLM-like package (the ``infer`` package of ``merge_bench.py``, cached in ``--workdir``), in
+coremltools prints a program only as its pymil ``Program``: its milproto loader
+(``coremltools.converters.mil.frontend.milproto.load.load``, given the spec and the weights
+directory) builds every op and gives each weight a numpy value, then ``str(program)`` prints it.
+``milsurgery show`` parses the spec and the blob records and prints, reading no weight bytes.
+Each tool runs in its own process on the same LLM-like package (the ``infer`` package of
+``merge_bench.py``: sequence length 1, 32k vocabulary; cached in ``--workdir``), in
 ``--repeat`` shuffled rounds with a warm page cache; the median wall time and the peak RSS
 (VmHWM) are printed with the ratios. Run from the repository root::
 
@@ -18,26 +19,52 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
+import subprocess
 import sys
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 sys.path.insert(0, HERE)
 
-from merge_bench import build_pair, run_interleaved, warm, weight_bin  # noqa: E402
+from merge_bench import VOCAB, layers_for, run_interleaved, warm, weight_bin  # noqa: E402
 
 REFERENCE = """
-import sys
+import os, sys
 import coremltools as ct
-program = ct.models.MLModel(sys.argv[1], skip_model_load=True)._mil_program
+from coremltools.converters.mil.frontend.milproto.load import load
+spec = ct.utils.load_spec(sys.argv[1])
+weights = os.path.join(sys.argv[1], "Data", "com.apple.CoreML", "weights")
+program = load(spec, spec.specificationVersion, weights)
 sys.stdout.write(str(program))
 """
 
 TOOLS = ("coremltools", "milsurgery show")
 
 
+def build_infer(workdir: str, size_mib: int) -> str:
+    """The ``infer`` package of ``merge_bench.py`` for a size, built once (in a child process)."""
+    hidden, ffn, layers = layers_for(size_mib)
+    path = os.path.join(workdir, f"llm-{size_mib}m-h{hidden}-l{layers}-infer.mlpackage")
+    if not os.path.isdir(path):
+        print(f"building {path} ...", file=sys.stderr, flush=True)
+        tmp = path[: -len(".mlpackage")] + "-building.mlpackage"
+        shutil.rmtree(tmp, ignore_errors=True)
+        build = (
+            "import sys; sys.path.insert(0, sys.argv[1]); from ct_models import llm_like; "
+            "llm_like(sys.argv[2], seq_len=1, vocab=int(sys.argv[3]), hidden=int(sys.argv[4]), "
+            "ffn=int(sys.argv[5]), layers=int(sys.argv[6]), seed=0)"
+        )
+        subprocess.run(
+            [sys.executable, "-c", build, os.path.join(ROOT, "tests"), tmp, str(VOCAB), str(hidden), str(ffn), str(layers)],
+            check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        )
+        os.rename(tmp, path)
+    return path
+
+
 def run_size(workdir: str, size_mib: int, repeat: int) -> dict:
-    pkg, _ = build_pair(workdir, size_mib)
+    pkg = build_infer(workdir, size_mib)
     warm(pkg)
     spec = os.path.join(pkg, "Data", "com.apple.CoreML", "model.mlmodel")
     tools = {
