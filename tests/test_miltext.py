@@ -426,3 +426,24 @@ def _programs(draw):
 @given(_programs())
 def test_round_trip_random_programs(program):
     assert_round_trip(program)
+
+
+def test_show_filters_keep_nested_blocks(ct_programs, capsys):
+    from milsurgery.cli import main
+
+    assert main(["show", ct_programs["control_flow"], "main", "--ops", "add,mul"]) == 0
+    text = capsys.readouterr().out
+    ops = re.findall(r"^\s+[^=\n]* = (\w+)\(", text, re.M)
+    assert set(ops) == {"cond", "while_loop", "add", "mul"}
+    assert re.search(r"= cond\(.*\{$", text, re.M) and re.search(r"^\s+\} -> \(\w+\) \{$", text, re.M)
+
+
+def test_model_mil_reads_are_bounded(tmp_path, monkeypatch):
+    import milsurgery.miltext as miltext
+
+    path = tmp_path / "model.mil"
+    path.write_text("program(1.3)\n{\n}\n")
+    assert read_program(path)[1] == 17
+    monkeypatch.setattr(miltext, "MAX_MILTEXT_BYTES", 8)
+    with pytest.raises(MilTextError, match=r"model\.mil: 17 bytes, more than the 8-byte limit"):
+        read_program(path)
