@@ -447,3 +447,23 @@ def test_model_mil_reads_are_bounded(tmp_path, monkeypatch):
     monkeypatch.setattr(miltext, "MAX_MILTEXT_BYTES", 8)
     with pytest.raises(MilTextError, match=r"model\.mil: 17 bytes, more than the 8-byte limit"):
         read_program(path)
+
+
+def test_program_1_3_text_with_function_attributes_prints_back():
+    """Hand-written program(1.3) text with the short scalar spelling and a function attribute
+    holding nested tuples, dictionaries and lists (as flexible-shape information is attached)."""
+    text = (
+        'program(1.3)\n[buildInfo = dict<string, string>({{"coremlc-component-MIL", "1.0"}})]\n{\n'
+        "    func main<ios18>(tensor<int32, [1, ?]> x) [FlexibleShapeInformation = tuple<tuple<string, "
+        "dict<string, tensor<int32, [?]>>>, tuple<string, dict<string, list<tensor<int32, [2]>, ?>>>>(("
+        '("DefaultShapes", {{"x", [1, 1]}}), ("RangeDims", {{"x", [[1, 1], [1, 2048]]}})))] {\n'
+        '            int32 var_6 = const()[name = string("op_6"), val = int32(-1)];\n'
+        '            fp16 var_7 = const()[name = string("op_7"), val = fp16(0x1p-1)];\n'
+        "        } -> (var_6);\n}\n"
+    )
+    program = parse_program(text)
+    assert print_program(program) == text
+    attr = program.functions[0].value.attributes[0]
+    ranges = attr.value.immediateValue.tuple.values[1].immediateValue.tuple.values[1]
+    dims = ranges.immediateValue.dictionary.values[0].value.immediateValue.list.values[1]
+    assert list(dims.immediateValue.tensor.ints.values) == [1, 2048]
