@@ -131,6 +131,7 @@ def test_verify_compiled_against_its_package(built, capsys):
         with Package(built[pkg]) as p:
             per_function = [{(r.ref.file_name, r.ref.offset) for r in p.function_refs(f)} for f in p.functions]
             assert sum(c.blobs_compared for c in report.checks) == sum(map(len, per_function)) > 0
+    assert verify(built["mf"], [built["mf_c"]]).equivalent  # a compiled model as the source
     assert main(["verify", built["mf_c"], "--against", f"{built['infer']}:main=infer", f"{built['prefill']}:main=prefill"]) == 0
     assert "infer: equivalent" in capsys.readouterr().out
 
