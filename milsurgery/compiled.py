@@ -25,7 +25,7 @@ import re
 
 from ._proto import milsurgery_spec_pb2 as pb
 from .errors import FormatError, PackageError, SpecError
-from .formats import MANIFEST_NAME, MAX_MANIFEST_BYTES, MULTIFUNCTION_SPEC_VERSION, SPEC_FOR_OPSET
+from .formats import MANIFEST_NAME, MULTIFUNCTION_SPEC_VERSION, SPEC_FOR_OPSET
 from .miltext import read_program
 from .package import Package
 from .spec import default_function, function_descriptions, iter_blob_refs

@@ -49,6 +49,7 @@ from .errors import MilTextError
 
 __all__ = [
     "print_program",
+    "print_function",
     "parse_program",
     "read_program",
     "program_syntax",
