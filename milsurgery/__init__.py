@@ -9,6 +9,7 @@ from .assemble import Pick, WriteReport, write_package
 from .blobfile import Blob, BlobFile, BlobWriter
 from .compiled import CompiledModel, open_model
 from .diff import DiffReport, diff
+from .compress import CompressReport, compress
 from .errors import (
     BlobFileError,
     DestinationExistsError,
@@ -66,6 +67,7 @@ __all__ = [
     "BlobFileError",
     "BlobWriter",
     "CompiledModel",
+    "CompressReport",
     "DestinationExistsError",
     "DiffReport",
     "FormatError",
@@ -86,6 +88,7 @@ __all__ = [
     "WriteReport",
     "append",
     "compare_weights",
+    "compress",
     "dequantize",
     "diff",
     "extract",
