@@ -355,18 +355,26 @@ def compiled_path(package: str, compiled_dir: str) -> str:
     return os.path.join(os.path.abspath(compiled_dir), f"{stem}-{digest}.mlmodelc")
 
 
+def _multifunction(path: str) -> bool:
+    with Package(path) as pkg:
+        return bool(pkg.model.description.functions)
+
+
+def _load(function: str, path: str, name: str, compiled_dir: str, multifunction: bool) -> dict:
+    """One load: ``function_name`` names the function in the package's spec; ``select`` is what
+    the load passes as ``function_name`` (``None`` for a single-function model: its default)."""
+    return {"function": function, "path": path, "function_name": name,
+            "select": name if multifunction else None, "compiled": compiled_path(path, compiled_dir)}
+
+
 def _loads(package: str, order: list[str], separate, compiled_dir: str) -> dict[str, list[dict]]:
     """Mode -> the loads of one child run, in order (each from its package's compiled model)."""
-    compiled = compiled_path(package, compiled_dir)
-    runs = {"merged": [{"function": f, "path": package, "function_name": f, "compiled": compiled}
-                       for f in order]}
+    multi = _multifunction(package)
+    runs = {"merged": [_load(f, package, f, compiled_dir, multi) for f in order]}
     if separate is not None:
         paths = [os.path.abspath(p) for p in _separate_paths(separate, order)]
-        runs["separate"] = [
-            {"function": f, "path": p, "function_name": _separate_function(p, f),
-             "compiled": compiled_path(p, compiled_dir)}
-            for f, p in zip(order, paths)
-        ]
+        runs["separate"] = [_load(f, p, _separate_function(p, f), compiled_dir, _multifunction(p))
+                            for f, p in zip(order, paths)]
     return runs
 
 
@@ -967,7 +975,7 @@ def measure(config: dict, emit) -> None:
             step = f"load {load['function']}"
             start = time.perf_counter()
             model = ct.models.CompiledMLModel(load["compiled"], compute_units=unit,
-                                              function_name=load["function_name"])
+                                              function_name=load["select"])
             alive.append(model)
             check_loaded(model, f"function {load['function_name']!r} of {load['compiled']}")
             sample("load", load["function"], time.perf_counter() - start)

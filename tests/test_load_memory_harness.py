@@ -163,6 +163,8 @@ def test_plan_one_cold_then_warm_runs_per_package_and_compute_unit(pkgs, tmp_pat
     assert os.path.basename(compiled).startswith("m-")
     assert single["functions"] == ["main"] and single["loads"][0]["function_name"] == "main"
     assert single["loads"][0]["compiled"] != compiled
+    # a multi-function package's function is selected by name; a single-function one loads its default
+    assert [ld["select"] for ld in pair["loads"]] == ["infer", "prefill"] and single["loads"][0]["select"] is None
     assert all(c["predict"] for c in plan)
     assert plan_for([pkgs["pair"], "--no-predict"])[0]["predict"] is False
     assert lm.compile_jobs(plan) == [{"source": pkgs["pair"], "compiled": compiled},
@@ -653,7 +655,8 @@ class CompiledMLModel:
         self._proxy = object()
         weights = os.path.join(path, "weights", "weight.bin")
         with open(os.path.join(path, "blobs.json")) as f:  # not the records: that would read weight.bin
-            blobs = json.load(f)[function_name]
+            blobs = json.load(f)
+        blobs = blobs[function_name] if function_name else next(iter(blobs.values()))  # None: the default
         if mode == "map":
             if weights not in MAPS:
                 with open(weights, "rb") as f:
@@ -846,6 +849,8 @@ def test_end_to_end_shared_mapping(e2e_pkgs, fake_env, tmp_path, monkeypatch):
     assert len(merged_runs) == 2
     for cs in merged_runs:  # every function from the one compiled model
         assert [(c["path"], c["function_name"]) for c in cs] == [(merged_compiled, f) for f in ("f0", "f1", "f2")]
+    # a separate package is single-function: loaded without a function name (its default)
+    assert [c["function_name"] for c in loads if c["path"] != merged_compiled] == [None] * 6
     # predictions use each function's own input shape (functions differ in sequence length)
     shapes = [c["shapes"] for c in calls if c["call"] == "predict"][:3]
     assert shapes == [[[1, 2, 512]], [[1, 4, 512]], [[1, 8, 512]]]
