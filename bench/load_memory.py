@@ -10,11 +10,12 @@ How it loads: the way an app does
 
 What it measures
     For every package and compute unit (CPU_ONLY, CPU_AND_GPU and CPU_AND_NE by default), one
-    unrecorded *cold* run (the first load of a freshly compiled model: Core ML specializes it for
-    the device, out of process for the Neural Engine, and caches the result on disk; it also
-    records which device each operation is planned on, via ``MLComputePlan``), then ``--repeats``
-    *warm* runs, each a fresh Python process. After the baseline, each load and one prediction on
-    inputs synthesized from the spec, a run records
+    *cold* run (the first load of a freshly compiled model: Core ML specializes it for the
+    device, out of process for the Neural Engine, and caches the result on disk; it also records
+    which device each operation is planned on, via ``MLComputePlan``), kept in the JSON and the
+    cold/warm timing table but out of the memory tables; then ``--repeats`` *warm* runs, each a
+    fresh Python process. A run first drops the compiled weight files' cached pages; after the
+    baseline, each load and one prediction on inputs synthesized from the spec, it records
 
     * ``phys_footprint`` and resident size (``task_info(TASK_VM_INFO)``, all fields kept);
     * the neural footprint (``ri_neural_footprint`` of ``proc_pid_rusage(RUSAGE_INFO_V6)``:
@@ -310,14 +311,16 @@ def read_experiment_plan(path: str) -> list[tuple[str, dict[str, str] | None]]:
     return sources
 
 
-def _function_order(package: str, requested: list[str] | None) -> list[str]:
+def _function_order(package: str, requested: list[str] | None) -> tuple[list[str], bool]:
+    """The functions to load, in order, and whether the package is multi-function."""
     with Package(package) as pkg:
+        multi = bool(pkg.model.description.functions)
         if requested is None:
-            return list(pkg.functions)
+            return list(pkg.functions), multi
         for name in requested:
             if name not in pkg.functions:
                 raise PlanError(f"{pkg.path}: no function {name!r} (it has {pkg.functions})")
-        return list(requested)
+        return list(requested), multi
 
 
 def _separate_paths(separate, order: list[str]) -> list[str]:
@@ -334,15 +337,17 @@ def _separate_paths(separate, order: list[str]) -> list[str]:
     return list(separate)
 
 
-def _separate_function(path: str, wanted: str) -> str:
-    """The function to load from a separate package: ``wanted`` if it has it, else its only one."""
+def _separate_function(path: str, wanted: str) -> tuple[str, bool]:
+    """The function to load from a separate package (``wanted`` if it has it, else its only
+    one), and whether the package is multi-function."""
     if not os.path.isdir(path):
         raise PlanError(f"{path}: separate package for function {wanted!r} does not exist")
     with Package(path) as pkg:
+        multi = bool(pkg.model.description.functions)
         if wanted in pkg.functions:
-            return wanted
+            return wanted, multi
         if len(pkg.functions) == 1:
-            return default_function(pkg.model)
+            return default_function(pkg.model), multi
         raise PlanError(f"{pkg.path}: has functions {pkg.functions}, none named {wanted!r}")
 
 
@@ -355,25 +360,19 @@ def compiled_path(package: str, compiled_dir: str) -> str:
     return os.path.join(os.path.abspath(compiled_dir), f"{stem}-{digest}.mlmodelc")
 
 
-def _multifunction(path: str) -> bool:
-    with Package(path) as pkg:
-        return bool(pkg.model.description.functions)
-
-
-def _load(function: str, path: str, name: str, compiled_dir: str, multifunction: bool) -> dict:
+def _load(function: str, path: str, name: str, multifunction: bool, compiled_dir: str) -> dict:
     """One load: ``function_name`` names the function in the package's spec; ``select`` is what
     the load passes as ``function_name`` (``None`` for a single-function model: its default)."""
     return {"function": function, "path": path, "function_name": name,
             "select": name if multifunction else None, "compiled": compiled_path(path, compiled_dir)}
 
 
-def _loads(package: str, order: list[str], separate, compiled_dir: str) -> dict[str, list[dict]]:
+def _loads(package: str, order: list[str], multi: bool, separate, compiled_dir: str) -> dict[str, list[dict]]:
     """Mode -> the loads of one child run, in order (each from its package's compiled model)."""
-    multi = _multifunction(package)
-    runs = {"merged": [_load(f, package, f, compiled_dir, multi) for f in order]}
+    runs = {"merged": [_load(f, package, f, multi, compiled_dir) for f in order]}
     if separate is not None:
         paths = [os.path.abspath(p) for p in _separate_paths(separate, order)]
-        runs["separate"] = [_load(f, p, _separate_function(p, f), compiled_dir, _multifunction(p))
+        runs["separate"] = [_load(f, p, *_separate_function(p, f), compiled_dir=compiled_dir)
                             for f, p in zip(order, paths)]
     return runs
 
@@ -395,8 +394,8 @@ def build_plan(args: argparse.Namespace) -> list[dict]:
     plan = []
     for package, separate in sources:
         package = os.path.abspath(package)
-        order = _function_order(package, args.functions)
-        runs = _loads(package, order, separate, compiled_dir)
+        order, multi = _function_order(package, args.functions)
+        runs = _loads(package, order, multi, separate, compiled_dir)
         for unit in args.compute_units:
             for mode, loads in runs.items():
                 for phase, repeat in [("cold", 0)] + [("warm", r) for r in range(args.repeats)]:
