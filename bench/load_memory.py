@@ -989,12 +989,13 @@ def measure(config: dict, emit) -> None:
         if config.get("phase") == "cold":
             step = "compute plan"
             devices = {}
-            for load in loads:
+            for compiled in dict.fromkeys(ld["compiled"] for ld in loads):  # one plan per compiled model
+                mine = [ld for ld in loads if ld["compiled"] == compiled]
                 try:
-                    found = compute_devices(ct, load["compiled"], unit_name, [load["function_name"]])
-                    devices[load["function"]] = found[load["function_name"]]
+                    found = compute_devices(ct, compiled, unit_name, [ld["function_name"] for ld in mine])
+                    devices.update({ld["function"]: found[ld["function_name"]] for ld in mine})
                 except Exception as exc:  # noqa: BLE001 - recorded: the plan is optional
-                    devices[load["function"]] = {"error": f"{type(exc).__name__}: {exc}"}
+                    devices.update({ld["function"]: {"error": f"{type(exc).__name__}: {exc}"} for ld in mine})
             emit({"event": "compute_plan", "devices": devices})
     except Exception as exc:  # noqa: BLE001 - reported, with the step, to the parent
         emit({"event": "end", "error": f"{step}: {type(exc).__name__}: {exc}"})

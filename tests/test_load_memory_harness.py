@@ -868,6 +868,8 @@ def test_end_to_end_shared_mapping(e2e_pkgs, fake_env, tmp_path, monkeypatch):
     # the cold run's compute plan: 16 linear ops on the Neural Engine, 16 relu on the CPU, 16 add unknown
     cold = next(r for r in results["runs"] if r["config"]["phase"] == "cold" and r["config"]["mode"] == "merged")
     assert cold["compute_plan"]["f1"] == {"neural_engine": 16, "cpu": 16, "unknown": 16}
+    sep_cold = next(r for r in results["runs"] if r["config"]["phase"] == "cold" and r["config"]["mode"] == "separate")
+    assert sep_cold["compute_plan"] == {f: {"neural_engine": 16, "cpu": 16, "unknown": 16} for f in ("f0", "f1", "f2")}
     assert "| merged | CPU_ONLY | f1 | 16 | 0 | 16 | 16 |  |" in md.splitlines()
     warm = next(r for r in results["runs"] if r["config"]["phase"] == "warm")
     assert warm["compute_plan"] is None
