@@ -487,6 +487,21 @@ def test_verdict_tolerance_and_no_predict():
         "shared mapping; --no-predict: weights may never have been touched")
 
 
+def test_check_loaded_refuses_a_model_without_proxy():
+    import types
+
+    ok = types.SimpleNamespace(_proxy=object())
+    assert lm.check_loaded(ok, "f") is ok
+    legacy_ok = types.SimpleNamespace(__proxy__=object())  # coremltools' MLModel keeps it here
+    assert lm.check_loaded(legacy_ok, "f") is legacy_ok
+    # MLModel after Core ML failed: a warning, __proxy__ None and the error kept aside
+    failed = types.SimpleNamespace(__proxy__=None, _framework_error=RuntimeError("Error compiling model"))
+    with pytest.raises(lm.LoadFailed, match="Core ML did not load function 'f1' of x.mlmodelc: Error compiling model"):
+        lm.check_loaded(failed, "function 'f1' of x.mlmodelc")
+    with pytest.raises(lm.LoadFailed, match=r"\(no model proxy\)"):
+        lm.check_loaded(types.SimpleNamespace(_proxy=None), "f")
+
+
 # -- running children -----------------------------------------------------------------------------
 
 
