@@ -653,12 +653,15 @@ RUSAGE_INFO_V6 = 6
 
 
 class RusageInfoV6(ctypes.Structure):
-    """``struct rusage_info_v6`` of <sys/resource.h> (macOS 15 SDK).
+    """``struct rusage_info_v6`` of <sys/resource.h> (XNU's ``bsd/sys/resource.h``), field order
+    as the header declares it.
 
-    Natural alignment: a 16-byte UUID, then 56 ``uint64_t``, 464 bytes. The three neural fields
-    took the first three of what earlier SDKs declared ``ri_reserved[14]``; the kernel fills them
+    Natural alignment: a 16-byte UUID, then 56 ``uint64_t``: 464 bytes. The fields from
+    ``ri_secure_time_in_system`` to ``ri_interval_max_neural_footprint`` took the first five of
+    what the first v6 header declared ``ri_reserved[14]`` (newer headers name more of the rest;
+    the size never changes). The kernel (``gather_rusage_info``) fills the three neural fields
     from the task's ``neural_nofootprint_total`` ledger (current, lifetime maximum, interval
-    maximum), which is not part of ``ri_phys_footprint``. A kernel that predates them leaves them 0.
+    maximum), which is not part of ``ri_phys_footprint``; a kernel that predates them leaves 0.
     """
 
     _fields_ = [("ri_uuid", ctypes.c_uint8 * 16)] + [
