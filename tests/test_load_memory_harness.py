@@ -364,7 +364,7 @@ def test_filled_fields_follow_the_returned_count():
 
 # -- rusage_info_v6 and mincore -----------------------------------------------------------------
 
-#: Offsets in struct rusage_info_v6, macOS 15 SDK <sys/resource.h> (natural alignment).
+#: Offsets in struct rusage_info_v6, in the field order of <sys/resource.h> (XNU bsd/sys/resource.h), natural alignment.
 RUSAGE_OFFSETS = {
     "ri_uuid": 0, "ri_user_time": 16, "ri_resident_size": 64, "ri_phys_footprint": 72, "ri_child_user_time": 96,
     "ri_diskio_bytesread": 144, "ri_cpu_time_qos_default": 160, "ri_logical_writes": 232,
