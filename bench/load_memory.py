@@ -1465,6 +1465,8 @@ def _growth_rows(mode: str, unit: str, steps: list[dict], config: dict, predicte
             continue
         tol = tolerance_bytes(p["referenced_bytes"], settings["tolerance"], settings["tolerance_mib"])
         label = verdict(mode, i, g["private"], p, tol, config.get("predict", True))
+        if unit in NEURAL_ENGINE_UNITS and steps[0]["aned"] is None and mode != "separate" and i > 0:
+            label += "; aned not readable: what it holds is not counted (run as root to count it)"
         rows.append(f"| {mode} | {unit} | {g['function']} | {_delta_mib(g['private'])} | {_delta_mib(g['weights'])} | "
                     f"{_delta_mib(g['rss'])} | {_mib(p['shared_mapping_added_bytes'])} | "
                     f"{_mib(p['per_function_copy_added_bytes'])} | {_mib(p.get('dense_copy_added_bytes'))} | "
