@@ -7,6 +7,7 @@ byte-exactly, and copies weight bytes file to file so memory stays flat.
 
 from .assemble import Pick, WriteReport, write_package
 from .blobfile import Blob, BlobFile, BlobWriter
+from .compress import CompressReport, compress
 from .errors import (
     BlobFileError,
     DestinationExistsError,
@@ -60,6 +61,7 @@ __all__ = [
     "BlobFile",
     "BlobFileError",
     "BlobWriter",
+    "CompressReport",
     "DestinationExistsError",
     "FormatError",
     "ManifestError",
@@ -78,6 +80,7 @@ __all__ = [
     "WriteReport",
     "append",
     "compare_weights",
+    "compress",
     "dequantize",
     "extract",
     "find_weights",
