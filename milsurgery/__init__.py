@@ -8,6 +8,8 @@ byte-exactly, and copies weight bytes file to file so memory stays flat.
 from .assemble import Pick, WriteReport, write_package
 from .blobfile import Blob, BlobFile, BlobWriter
 from .completion import completion
+from .compiled import CompiledModel, open_model
+from .diff import DiffReport, diff
 from .compress import CompressReport, compress
 from .errors import (
     BlobFileError,
@@ -15,6 +17,7 @@ from .errors import (
     FormatError,
     ManifestError,
     MilSurgeryError,
+    MilTextError,
     PackageError,
     SpecError,
     UnsafePathError,
@@ -25,7 +28,9 @@ from . import coreml, inspect
 from .inspect import inspect_package
 from .memory import memory_model
 from .merge import merge, parse_source
+from .miltext import parse_program, print_program
 from .package import Package, open_package
+from .show import show
 from .surgery import append, extract, remove, rename, shrink
 from .verify import VerificationFailed, VerifyReport, verify
 
@@ -63,11 +68,14 @@ __all__ = [
     "BlobFile",
     "BlobFileError",
     "BlobWriter",
+    "CompiledModel",
     "CompressReport",
     "DestinationExistsError",
+    "DiffReport",
     "FormatError",
     "ManifestError",
     "MilSurgeryError",
+    "MilTextError",
     "Package",
     "PackageError",
     "Pick",
@@ -85,6 +93,7 @@ __all__ = [
     "completion",
     "compress",
     "dequantize",
+    "diff",
     "extract",
     "find_weights",
     "inspect",
@@ -92,10 +101,14 @@ __all__ = [
     "iter_values",
     "memory_model",
     "merge",
+    "open_model",
     "open_package",
+    "parse_program",
     "parse_source",
+    "print_program",
     "remove",
     "rename",
+    "show",
     "shrink",
     "verify",
     "write_package",

@@ -313,6 +313,25 @@ def cmd_completion(args) -> int:
     return 0
 
 
+def cmd_show(args) -> int:
+    from .show import show
+
+    ops = [t for t in args.ops.split(",") if t] if args.ops else None
+    sys.stdout.write(show(args.package, args.functions, ops=ops, values=not args.no_values))
+    return 0
+
+
+def cmd_diff(args) -> int:
+    from .diff import diff, render_diff
+
+    report = diff(args.a, args.b, shapes=not args.ignore_shapes)
+    if args.json:
+        _print_json(report.to_dict())
+    else:
+        print(render_diff(report))
+    return 0 if report.identical else 1
+
+
 _NO_SYNC_HELP = (
     "do not flush OUT to disk (fsync) before it appears: faster; other programs still see OUT "
     "appear whole, but a power loss or system crash soon after may leave it incomplete"
@@ -470,6 +489,33 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("sources", nargs="+", metavar="SRC[:FUNC[=NEW]]", help=_SRC_HELP)
     _add_output_options(p, output=False)
     p.set_defaults(func=cmd_append)
+
+    p = add_command(
+        sub, "show", "print the program as text (model.mil syntax); reads no weight bytes",
+        "Prints the ML program in the syntax Core ML's compiler writes to model.mil: the program\n"
+        "version, its attributes, each function with its inputs, one line per op with output types,\n"
+        "inputs, attributes and name, and blob values as BLOBFILE(path, offset). Works on .mlpackage\n"
+        "and compiled .mlmodelc folders alike.",
+        ["show llm.mlpackage", "show llm.mlpackage prefill --ops linear,matmul", "show llm.mlpackage --no-values"],
+    )
+    p.add_argument("package", metavar="PKG", help="an ML-program package (.mlpackage) or compiled model (.mlmodelc)")
+    p.add_argument("functions", nargs="*", metavar="FUNC", help="only these functions (default: all)")
+    p.add_argument("--ops", metavar="TYPE,...", help="only ops of these types")
+    p.add_argument("--no-values", action="store_true", help="elide immediate values of more than 16 elements")
+    p.set_defaults(func=cmd_show)
+
+    p = add_command(
+        sub, "diff", "how two functions differ: I/O, ops (aligned by structure), weight bytes (exit 1 if they differ)",
+        "Compares function A (of A, or its default function) with function B: inputs and outputs,\n"
+        "ops added, removed or changed (matched by structure, not only by name), and weights whose\n"
+        "bytes differ, named by op with their sizes. Exit 0 when identical, 1 when they differ.",
+        ["diff llm.mlpackage:infer llm.mlpackage:prefill", "diff llm.mlpackage:infer llm.mlpackage:prefill --ignore-shapes --json"],
+    )
+    p.add_argument("a", metavar="A[:FUNC]", help="a package or compiled model, optionally :FUNC (default: its default function)")
+    p.add_argument("b", metavar="B[:FUNC]", help="the other side, as A")
+    p.add_argument("--ignore-shapes", action="store_true", help="leave out differences that are only of shapes")
+    p.add_argument("--json", action="store_true", help="print the report as JSON")
+    p.set_defaults(func=cmd_diff)
 
     p = add_command(
         sub, "compress", "palettize or quantize every distinct weight once, shared by all functions",

@@ -32,6 +32,7 @@ import os
 from itertools import combinations
 
 from .coalesce import BlobSource, group_identical
+from .compiled import open_model
 from .errors import UsageError
 from .inspect import _size
 from .package import Package
@@ -72,7 +73,7 @@ def memory_model(
     Functions ``order`` does not name are loaded after it, in the package's order."""
     if isinstance(package, Package):
         return _model(package, order, page_size, duplicates)
-    with Package(package) as pkg:
+    with open_model(package) as pkg:
         return _model(pkg, order, page_size, duplicates)
 
 

@@ -42,6 +42,8 @@ COVERED_ELSEWHERE = {
 #: bench scripts shown in the README that no test runs yet, with the reason; each is a gap.
 NOT_RUN = {
     "bench/compress_bench.py": "minutes at the size the README shows; no small-size test of it exists yet",
+    "bench/adopt_bench.py": "builds compressed pairs with coremltools (minutes); no small-size test of it exists yet",
+    "bench/show_bench.py": "loads every weight with coremltools at the sizes shown; no small-size test of it exists yet",
 }
 
 
