@@ -27,7 +27,7 @@ from ._proto import milsurgery_spec_pb2 as pb
 from .errors import FormatError, PackageError, SpecError
 from .formats import MANIFEST_NAME, MULTIFUNCTION_SPEC_VERSION, SPEC_FOR_OPSET
 from .miltext import read_program
-from .package import Package
+from .package import Package, package_path
 from .spec import default_function, function_descriptions, iter_blob_refs
 
 __all__ = ["CompiledModel", "open_model", "is_compiled", "MIL_NAME", "METADATA_NAME"]
@@ -68,7 +68,9 @@ def is_compiled(path: str | os.PathLike) -> bool:
 
 def open_model(path: str | os.PathLike) -> Package:
     """Open a ``.mlpackage`` or a compiled ``.mlmodelc``, whichever ``path`` is; both answer the
-    same queries (:class:`Package`'s attributes and methods)."""
+    same queries (:class:`Package`'s attributes and methods). Also takes a coremltools ``MLModel``
+    saved as a package (its package path is opened)."""
+    path = package_path(path)
     if is_compiled(path) or (
         os.fspath(path).rstrip("/").endswith(".mlmodelc") and not os.path.exists(os.path.join(path, MANIFEST_NAME))
     ):

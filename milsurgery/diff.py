@@ -28,7 +28,7 @@ from ._proto import milsurgery_spec_pb2 as pb
 from .coalesce import BlobSource, blobs_equal
 from .compiled import open_model
 from .errors import UsageError
-from .inspect import feature_summary
+from .inspect import feature_summary, shape_text
 from .miltext import op_text, program_syntax, type_text
 from .package import Package
 from .sources import parse_source
@@ -198,7 +198,7 @@ def _function_io(pkg: Package, name: str) -> dict[str, dict]:
 
 
 def _io_text(key: str, f: dict) -> str:
-    bits = [key + ":", f["type"].replace("Type", "")] + [f[k] for k in ("dtype", "shape") if k in f]
+    bits = [key + ":", f["type"].replace("Type", "")] + ([f["dtype"]] if "dtype" in f else []) + ([shape_text(f)] if "shape" in f else [])
     return " ".join(bits) + (" (optional)" if f["optional"] else "")
 
 
