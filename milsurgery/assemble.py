@@ -274,7 +274,7 @@ def write_package(
     stats = Stats()
     total = sum(s.blob.size for s in {s.key: s for s in sources}.values())
     canonical: list[int] = []
-    with StagedPackage(dest, force=force, sync=sync) as staged:
+    with StagedPackage(dest, force=force, sync=sync, sources=[s.path for s in distinct_sources(picks)]) as staged:
         offsets: dict[int, int] = {}
         copied = done = 0
         # Identical blobs are found while the first of each are being copied: the grouping's

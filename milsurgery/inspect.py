@@ -18,7 +18,8 @@ from .spec import op_type_histogram
 __all__ = ["inspect_package", "render_text", "feature_summary", "JSON_SCHEMA_VERSION"]
 
 #: Bumped when a key of the JSON output changes meaning or disappears (additions keep it).
-JSON_SCHEMA_VERSION = 1
+#: 2: ``shared`` lists only the pairs of functions that share at least one blob.
+JSON_SCHEMA_VERSION = 2
 
 _ARRAY_TYPES = {65568: "fp32", 65600: "fp64", 131104: "int32", 131080: "int8", 65552: "fp16"}
 
@@ -86,7 +87,8 @@ def inspect_package(path: str | os.PathLike, *, duplicates: bool = True) -> dict
 def _inspect(pkg: Package, find_duplicates: bool) -> dict:
     files = []
     blob_key = {}
-    for name, bf in pkg.blob_files.items():
+    for bf in pkg.weight_files:  # each file once, however many names the spec gives it
+        name = pkg.weight_file_name(bf)
         by_dtype: dict[str, dict] = {}
         for b in bf:
             d = by_dtype.setdefault(b.dtype.name, {"blobs": 0, "bytes": 0})
@@ -107,14 +109,15 @@ def _inspect(pkg: Package, find_duplicates: bool) -> dict:
             blob_key[(name, b.record_offset)] = b
     referenced_by: dict[tuple[str, int], set[str]] = {}
     for r in pkg.refs:
-        referenced_by.setdefault((r.ref.file_name, r.blob.record_offset), set()).add(r.ref.function)
+        referenced_by.setdefault(pkg.blob_key(r), set()).add(r.ref.function)
 
     functions = []
     func_blobs: dict[str, set] = {}
     for name in pkg.functions:
         fn = pkg.function(name)
         desc = pkg.descriptions[name]
-        keys = {(r.ref.file_name, r.blob.record_offset) for r in pkg.function_refs(name)}
+        refs = pkg.function_refs(name)
+        keys = {pkg.blob_key(r) for r in refs}
         func_blobs[name] = keys
         functions.append(
             {
@@ -126,15 +129,26 @@ def _inspect(pkg: Package, find_duplicates: bool) -> dict:
                 "states": [feature_summary(f) for f in desc.state],
                 "ops": sum(op_type_histogram(fn).values()),
                 "op_types": op_type_histogram(fn),
-                "blob_references": len(pkg.function_refs(name)),
+                "blob_references": len(refs),
                 "blobs": len(keys),
                 "bytes": sum(blob_key[k].size for k in keys),
             }
         )
-    shared = []
-    for a, b in combinations(pkg.functions, 2):
-        common = func_blobs[a] & func_blobs[b]
-        shared.append({"functions": [a, b], "blobs": len(common), "bytes": sum(blob_key[k].size for k in common)})
+    # Only pairs that share a blob, found from each blob's users: linear in references when
+    # little is shared (listing every pair would be quadratic in functions).
+    position = {name: i for i, name in enumerate(pkg.functions)}
+    pair_totals: dict[tuple[str, str], list[int]] = {}
+    for key, users in referenced_by.items():
+        if len(users) < 2:
+            continue
+        for a, b in combinations(sorted(users, key=position.__getitem__), 2):
+            total = pair_totals.setdefault((a, b), [0, 0])
+            total[0] += 1
+            total[1] += blob_key[key].size
+    shared = [
+        {"functions": [a, b], "blobs": n, "bytes": size}
+        for (a, b), (n, size) in sorted(pair_totals.items(), key=lambda item: (position[item[0][0]], position[item[0][1]]))
+    ]
 
     unreferenced = [
         {"file": name, "offset": off, "dtype": b.dtype.name, "bytes": b.size}

@@ -83,7 +83,7 @@ def _model(pkg: Package, order, page_size: int, find_duplicates: bool) -> dict:
         raise UsageError(f"load order names a function twice: {order}")
     blobs: dict[str, dict[tuple[str, int], object]] = {}
     for name in order:
-        blobs[name] = {(r.ref.file_name, r.blob.record_offset): r for r in pkg.function_refs(name)}
+        blobs[name] = {pkg.blob_key(r): r for r in pkg.function_refs(name)}
 
     def spans(keys, pages: bool):
         out = []

@@ -3,7 +3,8 @@
 Each returns a :class:`milsurgery.assemble.WriteReport`. All but ``append`` write a new package
 through :func:`milsurgery.assemble.write_package` (atomic, sources untouched); ``shrink`` can also
 replace its source in place, by building the new package beside it and exchanging the two
-directories in one atomic step. ``append`` edits in place: new blobs are appended to weight.bin
+directories in one atomic step. Both in-place edits hold the package's edit lock (:mod:`milsurgery.lock`) from before they read
+it until they are done, so concurrent editors run one after another. ``append`` edits in place: new blobs are appended to weight.bin
 and flushed, the header count is updated, then the spec is replaced with a rename, so a process
 killed at any instant leaves the old package or the new one.
 """
@@ -11,7 +12,6 @@ killed at any instant leaves the old package or the new one.
 from __future__ import annotations
 
 import os
-import shutil
 import time
 from collections.abc import Callable, Mapping, Sequence
 
@@ -23,7 +23,8 @@ from .coalesce import BlobSource, Stats, group_identical
 from .errors import UsageError
 from .formats import DEFAULT_WEIGHT_REF, MAIN_FUNCTION, MULTIFUNCTION_SPEC_VERSION
 from .merge import SourceSpec, resolve_sources
-from .package import PARTIAL_MARKER, Package
+from .lock import edit_lock
+from .package import PARTIAL_MARKER, Package, remove_entry, remove_stale_partials
 from .spec import iter_blob_refs
 
 __all__ = ["shrink", "extract", "remove", "rename", "append", "parse_rename"]
@@ -64,18 +65,23 @@ def shrink(
         raise UsageError("shrink needs exactly one of an output path (-o) or --in-place")
     if in_place and not sync:
         raise UsageError("--no-sync applies to a new output, not to --in-place: an in-place edit is always flushed")
-    with Package(package) as pkg:
-        picks = [Pick(pkg, f, f) for f in pkg.functions]
-        if not in_place:
+    if not in_place:
+        with Package(package) as pkg:
+            picks = [Pick(pkg, f, f) for f in pkg.functions]
             return _write_same_shape(pkg, picks, out, pkg.default_function, force, progress, sync)
+    # A symlink to a package: the real package is edited (exchanging the symlink would leave it
+    # as it was). The lock keeps other in-place editors out until the exchange is done.
+    with edit_lock(package) as real, Package(real) as pkg:
+        picks = [Pick(pkg, f, f) for f in pkg.functions]
         parent, name = os.path.split(pkg.path)
+        remove_stale_partials(pkg.path)
         staged = os.path.join(parent, f".{name}{PARTIAL_MARKER}{os.getpid()}-inplace")
-        shutil.rmtree(staged, ignore_errors=True)
+        remove_entry(staged)
         try:
             report = _write_same_shape(pkg, picks, staged, pkg.default_function, False, progress)
             exchange_paths(staged, pkg.path)  # the one step that switches old for new
         finally:
-            shutil.rmtree(staged, ignore_errors=True)
+            remove_entry(staged)
         report.output = pkg.path
         return report
 
@@ -206,7 +212,8 @@ def append(
     """
     start = time.perf_counter()
     opened: dict[str, Package] = {}
-    with Package(package) as pkg:
+    # Locked before anything is read: a second editor waits, then appends to what this one wrote.
+    with edit_lock(package) as real, Package(real) as pkg:
         opened[os.path.realpath(pkg.path)] = pkg
         try:
             return _append(pkg, sources, opened, progress, start)
