@@ -49,6 +49,17 @@ class Pick:
     name: str
     new_name: str
 
+    def __post_init__(self) -> None:
+        # A name from a command line may hold undecodable bytes (as lone surrogates), which a
+        # protobuf string cannot store: refuse it here, where every writer's names pass.
+        try:
+            self.new_name.encode("utf-8")
+        except UnicodeEncodeError as exc:
+            raise UsageError(
+                f"function name {self.new_name!r} (for {self.name!r} of {self.source.path}) is not valid "
+                f"UTF-8 at character {exc.start}"
+            ) from None
+
 
 @dataclass
 class WriteReport:

@@ -642,7 +642,13 @@ class StagedPackage:
         self.force = force
         self.sync = sync
         parent = os.path.dirname(self.dest)
-        if not os.path.isdir(parent):
+        try:
+            parent_is_dir = stat.S_ISDIR(os.stat(parent).st_mode)
+        except FileNotFoundError:
+            parent_is_dir = False
+        except OSError as exc:  # e.g. a path longer than the system allows
+            raise WriteError(f"{self.dest}: cannot use the parent directory: {exc.strerror}") from None
+        if not parent_is_dir:
             raise WriteError(f"{self.dest}: parent directory {parent} does not exist")
         remove_stale_partials(self.dest)
         self.tmp = None
