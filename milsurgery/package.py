@@ -334,11 +334,10 @@ class Package:
     def _spec_path_from_manifest(self) -> str:
         root = self.manifest["rootModelIdentifier"]
         path = self._item_path(root, self.manifest["itemInfoEntries"][root]["path"])
-        if not os.path.isfile(path):
+        if not os.path.lexists(path):  # what else is wrong with it is found when it is read
             raise ManifestError(
                 self.manifest_path,
-                f"field rootModelIdentifier: spec {os.path.relpath(path, self.path)} is missing "
-                "or not a file",
+                f"field rootModelIdentifier: spec {os.path.relpath(path, self.path)} is missing",
             )
         return path
 
