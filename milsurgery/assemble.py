@@ -33,7 +33,7 @@ from .formats import (
     WEIGHT_FILE_NAME,
 )
 from .package import Package, ResolvedRef, StagedPackage
-from .spec import BlobRef, blanked_value, iter_blob_refs, iter_function_values, values_in_value
+from .spec import BlobRef, blanked_value, iter_function_values, values_in_value
 
 __all__ = ["Pick", "WriteReport", "build_model", "write_package", "values_equal", "distinct_sources", "Progress"]
 
@@ -131,6 +131,12 @@ def values_equal(a: Package, va: pb.Value, b: Package, vb: pb.Value, where: str)
     return all(blobs_equal(BlobSource(ra.file, ra.blob), BlobSource(rb.file, rb.blob)) for ra, rb in pairs)
 
 
+def _blob_refs_of(name: str, function: pb.Function) -> list[BlobRef]:
+    """The blob references of one function of a spec, in the order ``iter_blob_refs`` gives them
+    (walking only that function: walking the program per function would be quadratic)."""
+    return [r for r in iter_function_values(name, function) if r.value.WhichOneof("value") == "blobFileValue"]
+
+
 def _set_io(target, desc: pb.FunctionDescription) -> None:
     """Copy a function's I/O onto a ModelDescription or FunctionDescription."""
     for name in ("input", "output", "state"):
@@ -157,9 +163,10 @@ def build_model(
     if not picks:
         raise UsageError("no functions selected")
     names = [p.new_name for p in picks]
-    for i, p in enumerate(picks):
-        if p.new_name in names[:i]:
-            first = picks[names.index(p.new_name)]
+    first_of: dict[str, Pick] = {}
+    for p in picks:
+        first = first_of.setdefault(p.new_name, p)
+        if first is not p:
             raise UsageError(
                 f"two functions would be named {p.new_name!r}: {first.name!r} from {first.source.path} "
                 f"and {p.name!r} from {p.source.path}"
@@ -227,7 +234,7 @@ def build_model(
     for p in picks:
         entry = out.mlProgram.functions.add(key=MAIN_FUNCTION if single else p.new_name)
         entry.value.CopyFrom(p.source.function(p.name))
-        new_refs = list(iter_blob_refs(out, functions=[entry.key]))
+        new_refs = _blob_refs_of(entry.key, entry.value)
         src_refs = p.source.function_refs(p.name)
         assert len(new_refs) == len(src_refs), "a copied function must walk like its source"
         pairs.extend(zip(new_refs, src_refs))
@@ -278,8 +285,9 @@ def write_package(
         references=len(pairs),
         warnings=warnings,
     )
-    for p in picks:
-        if os.path.realpath(report.output) == os.path.realpath(p.source.path):
+    output_real = os.path.realpath(report.output)
+    for src in distinct_sources(picks):
+        if output_real == os.path.realpath(src.path):
             raise UsageError(f"{report.output}: the output cannot be one of the sources")
     sources = [BlobSource(r.file, r.blob) for _, r in pairs]
     stats = Stats()

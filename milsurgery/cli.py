@@ -47,8 +47,8 @@ class ProgressBar:
 
 
 def _print_json(obj) -> None:
-    json.dump(obj, sys.stdout, indent=2, sort_keys=False)
-    sys.stdout.write("\n")
+    # One write: json.dump would issue a write per token (seconds for thousands of functions).
+    sys.stdout.write(json.dumps(obj, indent=2, sort_keys=False) + "\n")
 
 
 def _print_report(report, quiet: bool, as_json: bool) -> None:

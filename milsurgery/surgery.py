@@ -16,7 +16,7 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 
 from ._proto import milsurgery_spec_pb2 as pb
-from .assemble import Pick, Progress, WriteReport, _set_io, write_package
+from .assemble import Pick, Progress, WriteReport, _blob_refs_of, _set_io, write_package
 from .atomic import exchange_paths, replace_file
 from .blobfile import BlobWriter, restore_blob_file
 from .coalesce import BlobSource, Stats, group_identical
@@ -25,7 +25,6 @@ from .formats import DEFAULT_WEIGHT_REF, MAIN_FUNCTION, MULTIFUNCTION_SPEC_VERSI
 from .merge import SourceSpec, resolve_sources
 from .lock import edit_lock
 from .package import PARTIAL_MARKER, Package, remove_entry, remove_stale_partials
-from .spec import iter_blob_refs
 
 __all__ = ["shrink", "extract", "remove", "rename", "append", "parse_rename"]
 
@@ -255,7 +254,7 @@ def _append(pkg: Package, sources, opened, progress, start) -> WriteReport:
         _set_io(fdesc, p.source.descriptions[p.name])
         desc.functions.append(fdesc)
         versions.append(p.source.model.specificationVersion)
-        new_refs = list(iter_blob_refs(model, functions=[p.new_name]))
+        new_refs = _blob_refs_of(p.new_name, entry.value)
         pairs.extend(zip(new_refs, p.source.function_refs(p.name)))
     model.specificationVersion = max(versions)
 

@@ -256,8 +256,9 @@ def verify_picks(pkg: Package, picks: Sequence[Pick]) -> VerifyReport:
     """Check each pick's ``new_name`` function of ``pkg`` against its source function, and the
     program attributes of ``pkg`` holding blob references against the picks' sources'."""
     checks = []
+    present = set(pkg.functions)
     for pick in picks:
-        if pick.new_name not in pkg.functions:
+        if pick.new_name not in present:
             raise UsageError(f"{pkg.path}: no function {pick.new_name!r} to verify (it has {pkg.functions})")
         checks.append(_check(pkg, pick.new_name, pick))
     return VerifyReport(pkg.path, checks, _check_attributes(pkg, distinct_sources(list(picks))))

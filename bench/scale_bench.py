@@ -1,0 +1,156 @@
+"""Scale benchmark: each command against packages of 1000, 2000 and 4000 functions.
+
+The packages hold weightless functions (one ``const`` of an immediate value feeding the output),
+so the cost measured is the per-function work of opening, planning and writing: no weight bytes
+are read. Each command runs in its own process (``python -m milsurgery ...``); wall time and the
+process's peak RSS (``ru_maxrss`` from ``wait4``) are printed per size, with the time ratio
+against the smallest size side by side: near-linear cost shows as a ratio close to the ratio of
+function counts (2x, 4x), quadratic cost as its square (4x, 16x). Run from the repository root::
+
+    python bench/scale_bench.py                       # 1000, 2000, 4000 functions
+    python bench/scale_bench.py --sizes 100,200 --json out.json
+
+Packages are written to ``--workdir`` (default ``bench/out/scale``) and removed afterwards
+unless ``--keep``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(HERE)
+sys.path.insert(0, ROOT)
+
+from milsurgery.blobfile import BlobWriter  # noqa: E402
+from milsurgery.package import StagedPackage  # noqa: E402
+from milsurgery.spec import pb  # noqa: E402
+
+
+def build_weightless(path: str, n: int) -> str:
+    """A package of ``n`` functions ``f0``..``f{n-1}``, each ``const`` of one immediate float16
+    scalar tensor as its output; weight.bin holds no blob."""
+    model = pb.Model(specificationVersion=9)
+    model.mlProgram.version = 1
+    with StagedPackage(path, sync=False) as staged:
+        with BlobWriter(staged.weight_path("weight.bin"), sync=False):
+            pass
+        for i in range(n):
+            name = f"f{i}"
+            fn = model.mlProgram.functions.add(key=name).value
+            fn.opset = "CoreML8"
+            block = fn.block_specializations.add(key="CoreML8").value
+            value = pb.Value()
+            value.type.tensorType.dataType = pb.FLOAT32
+            value.type.tensorType.rank = 1
+            value.type.tensorType.dimensions.add().constant.size = 1
+            value.immediateValue.tensor.floats.values.append(float(i))
+            op = block.operations.add(type="const")
+            op.outputs.add(name=f"{name}_out").type.CopyFrom(value.type)
+            op.attributes.add(key="val").value.CopyFrom(value)
+            block.outputs.append(f"{name}_out")
+            desc = model.description.functions.add(name=name)
+            out = desc.output.add(name=f"{name}_out")
+            out.type.multiArrayType.shape.append(1)
+            out.type.multiArrayType.dataType = pb.ArrayFeatureType.FLOAT32
+        model.description.defaultFunctionName = "f0"
+        staged.commit(model)
+    return path
+
+
+def commands(pkg: str, n: int, scratch: str) -> dict[str, list[str]]:
+    """The command lines measured, by label; outputs go to ``scratch``."""
+    last = f"f{n - 1}"
+    return {
+        "inspect --json": ["inspect", "--json", pkg],
+        "inspect --json --memory": ["inspect", "--json", "--memory", pkg],
+        "shrink -o": ["shrink", pkg, "-o", os.path.join(scratch, "shrunk.mlpackage"), "--no-sync", "--quiet"],
+        "extract 1": ["extract", pkg, last, "-o", os.path.join(scratch, "one.mlpackage"), "--no-sync", "--quiet"],
+        "rename 1": ["rename", pkg, f"{last}=renamed", "-o", os.path.join(scratch, "renamed.mlpackage"), "--no-sync", "--quiet"],
+        "verify (itself)": ["verify", pkg, "--against", pkg],
+    }
+
+
+def run(argv: list[str], timeout: float) -> tuple[float, int, int]:
+    """(wall seconds, peak RSS in KiB, exit status) of ``python -m milsurgery ARGV``."""
+    env = dict(os.environ, PYTHONPATH=ROOT)
+    start = time.perf_counter()
+    proc = subprocess.Popen([sys.executable, "-m", "milsurgery", *argv], stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, env=env)
+    deadline = start + timeout
+    while True:
+        pid, status, usage = os.wait4(proc.pid, os.WNOHANG)
+        if pid:
+            break
+        if time.perf_counter() > deadline:
+            proc.kill()
+            pid, status, usage = os.wait4(proc.pid, 0)
+            break
+        time.sleep(0.005)
+    wall = time.perf_counter() - start
+    proc.returncode = os.waitstatus_to_exitcode(status)
+    err = proc.stderr.read().decode(errors="replace") if proc.stderr else ""
+    if proc.returncode != 0:
+        print(f"  ! {' '.join(argv[:2])}: exit {proc.returncode}: {err.strip()[:200]}", file=sys.stderr)
+    peak_kib = usage.ru_maxrss if sys.platform != "darwin" else usage.ru_maxrss // 1024
+    return wall, peak_kib, proc.returncode
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--sizes", default="1000,2000,4000", help="function counts, comma-separated")
+    ap.add_argument("--workdir", default=os.path.join(HERE, "out", "scale"))
+    ap.add_argument("--timeout", type=float, default=600.0, help="seconds per command before it is killed")
+    ap.add_argument("--only", default=None, help="comma-separated labels of the commands to run")
+    ap.add_argument("--json", default=None, help="also write the results to this file")
+    ap.add_argument("--keep", action="store_true", help="keep the packages built")
+    args = ap.parse_args(argv)
+    sizes = [int(s) for s in args.sizes.split(",")]
+    os.makedirs(args.workdir, exist_ok=True)
+    results: dict[str, dict[int, dict]] = {}
+    try:
+        for n in sizes:
+            pkg = os.path.join(args.workdir, f"weightless-{n}.mlpackage")
+            shutil.rmtree(pkg, ignore_errors=True)
+            t0 = time.perf_counter()
+            build_weightless(pkg, n)
+            print(f"built {n} functions in {time.perf_counter() - t0:.2f} s", file=sys.stderr)
+            scratch = os.path.join(args.workdir, f"scratch-{n}")
+            for label, cmd in commands(pkg, n, scratch).items():
+                if args.only and label not in args.only.split(","):
+                    continue
+                shutil.rmtree(scratch, ignore_errors=True)
+                os.makedirs(scratch)
+                wall, peak, rc = run(cmd, args.timeout)
+                results.setdefault(label, {})[n] = {"seconds": round(wall, 3), "peak_rss_kib": peak, "exit": rc}
+            shutil.rmtree(scratch, ignore_errors=True)
+            if not args.keep:
+                shutil.rmtree(pkg, ignore_errors=True)
+    finally:
+        if not args.keep and not os.listdir(args.workdir):
+            os.rmdir(args.workdir)
+    base = sizes[0]
+    print(f"{'command':26s}" + "".join(f"{n:>8d} fn: s  (x{base})   MiB" for n in sizes))
+    for label, by_size in results.items():
+        row = f"{label:26s}"
+        for n in sizes:
+            r = by_size[n]
+            ratio = r["seconds"] / by_size[base]["seconds"] if by_size[base]["seconds"] else float("nan")
+            row += f"{r['seconds']:>13.2f} ({ratio:4.1f}x) {r['peak_rss_kib'] / 1024:6.0f}"
+            if r["exit"]:
+                row += " FAIL"
+        print(row)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"sizes": sizes, "results": results}, f, indent=2)
+    return 1 if any(r["exit"] for by in results.values() for r in by.values()) else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
