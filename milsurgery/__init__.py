@@ -14,6 +14,7 @@ from .errors import (
     ManifestError,
     MilSurgeryError,
     PackageError,
+    PackageLockedError,
     SpecError,
     UnsafePathError,
     UsageError,
@@ -22,7 +23,8 @@ from .errors import (
 from .inspect import inspect_package
 from .memory import memory_model
 from .merge import merge, parse_source
-from .package import Package, open_package
+from .lock import edit_lock
+from .package import Package, open_package, read_input
 from .surgery import append, extract, remove, rename, shrink
 from .verify import VerificationFailed, VerifyReport, verify
 
@@ -39,6 +41,7 @@ __all__ = [
     "MilSurgeryError",
     "Package",
     "PackageError",
+    "PackageLockedError",
     "Pick",
     "SpecError",
     "UnsafePathError",
@@ -48,12 +51,14 @@ __all__ = [
     "WriteError",
     "WriteReport",
     "append",
+    "edit_lock",
     "extract",
     "inspect_package",
     "memory_model",
     "merge",
     "open_package",
     "parse_source",
+    "read_input",
     "remove",
     "rename",
     "shrink",

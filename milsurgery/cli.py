@@ -115,7 +115,7 @@ def cmd_shrink(args) -> int:
 
     if args.output is None and not args.in_place:
         raise UsageError("shrink needs -o OUT or --in-place")
-    return _run_writer(args, lambda bar: shrink(args.package, args.output, in_place=args.in_place, force=args.force, sync=not args.no_sync, progress=bar))
+    return _run_writer(args, lambda bar: shrink(args.package, args.output, in_place=args.in_place, force=args.force, sync=not args.no_sync, progress=bar, wait=not args.no_wait))
 
 
 def cmd_extract(args) -> int:
@@ -150,7 +150,7 @@ def cmd_rename(args) -> int:
 def cmd_append(args) -> int:
     from .surgery import append
 
-    return _run_writer(args, lambda bar: append(args.package, args.sources, progress=bar))
+    return _run_writer(args, lambda bar: append(args.package, args.sources, progress=bar, wait=not args.no_wait))
 
 
 def cmd_verify(args) -> int:
@@ -177,6 +177,9 @@ _NO_SYNC_HELP = (
     "do not flush OUT to disk (fsync) before it appears: faster; other programs still see OUT "
     "appear whole, but a power loss or system crash soon after may leave it incomplete"
 )
+
+
+_NO_WAIT_HELP = "if another process is editing PKG in place, fail at once instead of waiting for it"
 
 
 def _add_output_options(p, *, output=True) -> None:
@@ -218,6 +221,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--in-place", action="store_true", help="replace PKG atomically instead of writing OUT")
     p.add_argument("--force", action="store_true", help="replace OUT if it exists")
     p.add_argument("--no-sync", action="store_true", help=_NO_SYNC_HELP + " (not with --in-place)")
+    p.add_argument("--no-wait", action="store_true", help=_NO_WAIT_HELP)
     _add_output_options(p, output=False)
     p.set_defaults(func=cmd_shrink)
 
@@ -245,6 +249,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("append", help="add functions to a package in place, appending only new blobs")
     p.add_argument("package", metavar="PKG")
     p.add_argument("sources", nargs="+", metavar="SRC[:FUNC[=NEW]]")
+    p.add_argument("--no-wait", action="store_true", help=_NO_WAIT_HELP)
     _add_output_options(p, output=False)
     p.set_defaults(func=cmd_append)
 

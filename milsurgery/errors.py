@@ -19,6 +19,7 @@ __all__ = [
     "UnsafePathError",
     "UsageError",
     "DestinationExistsError",
+    "PackageLockedError",
     "WriteError",
 ]
 
@@ -63,6 +64,10 @@ class UsageError(MilSurgeryError):
 
 class DestinationExistsError(UsageError):
     """The output path exists and overwriting was not requested."""
+
+
+class PackageLockedError(UsageError):
+    """Another process is editing the package in place and the caller chose not to wait."""
 
 
 class WriteError(MilSurgeryError):

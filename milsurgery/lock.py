@@ -19,7 +19,7 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 
-from .errors import PackageError, UsageError
+from .errors import PackageError, PackageLockedError, UsageError
 
 try:
     import fcntl
@@ -27,10 +27,6 @@ except ImportError:  # not a POSIX system
     fcntl = None
 
 __all__ = ["edit_lock", "PackageLockedError"]
-
-
-class PackageLockedError(UsageError):
-    """Another process is editing the package and the caller chose not to wait."""
 
 
 def _open_dir(path: str) -> int:

@@ -53,12 +53,15 @@ def shrink(
     force: bool = False,
     sync: bool = True,
     progress: Progress | None = None,
+    wait: bool = True,
 ) -> WriteReport:
     """Coalesce identical blobs and drop unreferenced ones; write ``out`` or replace ``package``.
 
     The spec is otherwise unchanged (same functions, names, spec version). The report's
     ``bytes_written`` against the source weight.bin size gives the bytes recovered. ``sync=False``
-    (new output only) skips flushing the output to disk.
+    (new output only) skips flushing the output to disk. In place, ``package`` may be a symlink
+    (the package it names is replaced) and the edit holds the package's edit lock; ``wait=False``
+    raises :class:`PackageLockedError` instead of waiting for another editor.
     """
     if (out is None) == (not in_place):
         raise UsageError("shrink needs exactly one of an output path (-o) or --in-place")
@@ -70,7 +73,7 @@ def shrink(
             return _write_same_shape(pkg, picks, out, pkg.default_function, force, progress, sync)
     # A symlink to a package: the real package is edited (exchanging the symlink would leave it
     # as it was). The lock keeps other in-place editors out until the exchange is done.
-    with edit_lock(package) as real, Package(real) as pkg:
+    with edit_lock(package, wait=wait) as real, Package(real) as pkg:
         picks = [Pick(pkg, f, f) for f in pkg.functions]
         parent, name = os.path.split(pkg.path)
         remove_stale_partials(pkg.path)
@@ -200,8 +203,12 @@ def append(
     sources: Sequence[str | os.PathLike | SourceSpec],
     *,
     progress: Progress | None = None,
+    wait: bool = True,
 ) -> WriteReport:
     """Add functions from ``sources`` (``SRC[:FUNC[=NEW]]``) to ``package`` in place.
+
+    The edit holds the package's edit lock from before it is read (another editor waits for it,
+    or with ``wait=False`` raises :class:`PackageLockedError`); a symlink names the real package.
 
     Only blobs whose content is not already in the package's weight.bin are appended. Order of
     durable steps: blob data appended and flushed; header count updated and flushed; new spec
@@ -212,7 +219,7 @@ def append(
     start = time.perf_counter()
     opened: dict[str, Package] = {}
     # Locked before anything is read: a second editor waits, then appends to what this one wrote.
-    with edit_lock(package) as real, Package(real) as pkg:
+    with edit_lock(package, wait=wait) as real, Package(real) as pkg:
         opened[os.path.realpath(pkg.path)] = pkg
         try:
             return _append(pkg, sources, opened, progress, start)

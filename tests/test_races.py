@@ -169,3 +169,20 @@ def test_waiting_editor_follows_an_exchanged_directory(packages, tmp_path):
         assert pkg.functions == ["main", "late"]
     assert snapshot(replacement) == old  # the old directory was not edited
     assert_function_equivalent(target, "late", sources[0], "main")
+
+
+def test_cli_no_wait_is_refused_with_one_line_and_the_package_untouched(packages, tmp_path):
+    base, sources = packages
+    target = str(tmp_path / "t.mlpackage")
+    shutil.copytree(base, target)
+    before = snapshot(target)
+    holder = _hold_lock(target)
+    try:
+        for argv in (["append", "--no-wait", target, f"{sources[0]}:main=x"], ["shrink", "--in-place", "--no-wait", target]):
+            rc, err = finish(cli(*argv))
+            assert rc == 2, err
+            assert err.count("\n") == 1 and err.startswith("milsurgery: error: ") and "another process is editing" in err
+    finally:
+        holder.stdin.close()
+        holder.wait(TIMEOUT)
+    assert snapshot(target) == before
