@@ -9,6 +9,7 @@ function counts (2x, 4x), quadratic cost as its square (4x, 16x). Run from the r
 
     python bench/scale_bench.py                       # 1000, 2000, 4000 functions
     python bench/scale_bench.py --sizes 100,200 --json out.json
+    python bench/scale_bench.py --only "inspect --json" --reference-tree ../old-checkout --timeout 120
 
 Packages are written to ``--workdir`` (default ``bench/out/scale``) and removed afterwards
 unless ``--keep``.
@@ -77,12 +78,13 @@ def commands(pkg: str, n: int, scratch: str) -> dict[str, list[str]]:
     }
 
 
-def run(argv: list[str], timeout: float) -> tuple[float, int, int]:
-    """(wall seconds, peak RSS in KiB, exit status) of ``python -m milsurgery ARGV``."""
-    env = dict(os.environ, PYTHONPATH=ROOT)
+def run(argv: list[str], timeout: float, tree: str = ROOT) -> tuple[float, int, int]:
+    """(wall seconds, peak RSS in KiB, exit status) of ``python -m milsurgery ARGV`` with the
+    milsurgery of the source tree ``tree``; a run past ``timeout`` is killed (exit -9)."""
+    env = dict(os.environ, PYTHONPATH=tree)
     start = time.perf_counter()
     proc = subprocess.Popen([sys.executable, "-m", "milsurgery", *argv], stdout=subprocess.DEVNULL,
-                            stderr=subprocess.PIPE, env=env)
+                            stderr=subprocess.PIPE, env=env, cwd=tree)  # cwd leads sys.path with -m
     deadline = start + timeout
     while True:
         pid, status, usage = os.wait4(proc.pid, os.WNOHANG)
@@ -110,6 +112,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--only", default=None, help="comma-separated labels of the commands to run")
     ap.add_argument("--json", default=None, help="also write the results to this file")
     ap.add_argument("--keep", action="store_true", help="keep the packages built")
+    ap.add_argument("--reference-tree", default=None, metavar="DIR",
+                    help="also run each command with the milsurgery of another checkout (e.g. the previous "
+                         "release), side by side")
     args = ap.parse_args(argv)
     sizes = [int(s) for s in args.sizes.split(",")]
     os.makedirs(args.workdir, exist_ok=True)
@@ -128,7 +133,13 @@ def main(argv: list[str] | None = None) -> int:
                 shutil.rmtree(scratch, ignore_errors=True)
                 os.makedirs(scratch)
                 wall, peak, rc = run(cmd, args.timeout)
-                results.setdefault(label, {})[n] = {"seconds": round(wall, 3), "peak_rss_kib": peak, "exit": rc}
+                row = {"seconds": round(wall, 3), "peak_rss_kib": peak, "exit": rc}
+                if args.reference_tree:
+                    shutil.rmtree(scratch, ignore_errors=True)
+                    os.makedirs(scratch)
+                    ref_wall, ref_peak, ref_rc = run(cmd, args.timeout, os.path.abspath(args.reference_tree))
+                    row["reference"] = {"seconds": round(ref_wall, 3), "peak_rss_kib": ref_peak, "exit": ref_rc}
+                results.setdefault(label, {})[n] = row
             shutil.rmtree(scratch, ignore_errors=True)
             if not args.keep:
                 shutil.rmtree(pkg, ignore_errors=True)
@@ -146,10 +157,18 @@ def main(argv: list[str] | None = None) -> int:
             if r["exit"]:
                 row += " FAIL"
         print(row)
+        if args.reference_tree:
+            row = f"{'  reference':26s}"
+            for n in sizes:
+                ref = by_size[n]["reference"]
+                speed = ref["seconds"] / by_size[n]["seconds"] if by_size[n]["seconds"] else float("nan")
+                status = " KILLED" if ref["exit"] == -9 else (" FAIL" if ref["exit"] else "")
+                row += f"{ref['seconds']:>13.2f} ({speed:4.1f}x slower) {ref['peak_rss_kib'] / 1024:6.0f}{status}"
+            print(row)
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"sizes": sizes, "results": results}, f, indent=2)
-    return 1 if any(r["exit"] for by in results.values() for r in by.values()) else 0
+    return 1 if any(r["exit"] for by in results.values() for r in by.values()) else 0  # the reference may fail
 
 
 if __name__ == "__main__":
