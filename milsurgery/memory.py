@@ -76,8 +76,9 @@ def memory_model(
 
 def _model(pkg: Package, order, page_size: int, find_duplicates: bool) -> dict:
     order = list(order) if order else list(pkg.functions)
+    present = set(pkg.functions)
     for name in order:
-        if name not in pkg.functions:
+        if name not in present:
             raise UsageError(f"{pkg.path}: no function {name!r} (it has {pkg.functions})")
     if len(set(order)) != len(order):
         raise UsageError(f"load order names a function twice: {order}")
