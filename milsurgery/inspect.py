@@ -139,6 +139,7 @@ def _inspect(pkg: Package, find_duplicates: bool) -> dict:
     position = {name: i for i, name in enumerate(pkg.functions)}
     pair_totals: dict[tuple[str, str], list[int]] = {}
     for key, users in referenced_by.items():
+        users = [u for u in users if u in position]  # program attributes belong to no function
         if len(users) < 2:
             continue
         for a, b in combinations(sorted(users, key=position.__getitem__), 2):

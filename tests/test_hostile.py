@@ -229,3 +229,18 @@ def test_scale_bench_runs(tmp_path, capsys):
         assert all(r["exit"] == 0 and r["seconds"] > 0 and r["peak_rss_kib"] > 0 for r in by_size.values())
     assert not (tmp_path / "w").exists()  # packages removed
     assert "inspect --json" in capsys.readouterr().out
+
+
+def test_inspect_shared_ignores_program_attribute_references(tmp_path):
+    """A blob referenced by a program attribute and by functions: pairs of functions only."""
+    w = np.arange(6, dtype=np.float16)
+    pkg = minipkg.make(tmp_path / "p.mlpackage", {"a": [("float16", w)], "b": [0]})
+    path = os.path.join(pkg, "Data", "com.apple.CoreML", "model.mlmodel")
+    model = pb.Model()
+    with open(path, "rb") as f:
+        model.ParseFromString(f.read())
+    first = next(iter_blob_refs(model, functions=["a"])).value
+    model.mlProgram.attributes.add(key="shared_table").value.CopyFrom(first)
+    with open(path, "wb") as f:
+        f.write(model.SerializeToString())
+    assert inspect_package(pkg)["shared"] == [{"functions": ["a", "b"], "blobs": 1, "bytes": 12}]
