@@ -244,3 +244,19 @@ def test_inspect_shared_ignores_program_attribute_references(tmp_path):
     with open(path, "wb") as f:
         f.write(model.SerializeToString())
     assert inspect_package(pkg)["shared"] == [{"functions": ["a", "b"], "blobs": 1, "bytes": 12}]
+
+
+def test_running_union_equals_the_batch_union():
+    """memory's incremental union (linear in blobs) against the sort-and-sweep union it replaced
+    per step, on random overlapping, touching and nested intervals in two files."""
+    from milsurgery.memory import _RunningUnion, _union_bytes
+
+    rng = np.random.default_rng(11)
+    for _ in range(200):
+        union, added = _RunningUnion(), []
+        for _ in range(int(rng.integers(1, 30))):
+            start = int(rng.integers(0, 200))
+            span = ("ab"[int(rng.integers(0, 2))], start, start + int(rng.integers(1, 40)))
+            union.add(*span)
+            added.append(span)
+            assert union.total == _union_bytes(added)
