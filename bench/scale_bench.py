@@ -2,13 +2,15 @@
 
 The packages hold weightless functions (one ``const`` of an immediate value feeding the output),
 so the cost measured is the per-function work of opening, planning and writing: no weight bytes
-are read. Each command runs in its own process (``python -m milsurgery ...``); wall time and the
+are read. ``--blobs`` gives every function a small blob of its own instead (one in ten a
+duplicate), so the per-blob work (sharing, duplicates, coalescing, memory model) is measured too. Each command runs in its own process (``python -m milsurgery ...``); wall time and the
 process's peak RSS (``ru_maxrss`` from ``wait4``) are printed per size, with the time ratio
 against the smallest size side by side: near-linear cost shows as a ratio close to the ratio of
 function counts (2x, 4x), quadratic cost as its square (4x, 16x). Run from the repository root::
 
     python bench/scale_bench.py                       # 1000, 2000, 4000 functions
     python bench/scale_bench.py --sizes 100,200 --json out.json
+    python bench/scale_bench.py --blobs               # one small blob per function
     python bench/scale_bench.py --only "inspect --json" --reference-tree ../old-checkout --timeout 120
 
 Packages are written to ``--workdir`` (default ``bench/out/scale``) and removed afterwards
@@ -34,14 +36,15 @@ from milsurgery.package import StagedPackage  # noqa: E402
 from milsurgery.spec import pb  # noqa: E402
 
 
-def build_weightless(path: str, n: int) -> str:
-    """A package of ``n`` functions ``f0``..``f{n-1}``, each ``const`` of one immediate float16
-    scalar tensor as its output; weight.bin holds no blob."""
+def build_weightless(path: str, n: int, *, blobs: bool = False) -> str:
+    """A package of ``n`` functions ``f0``..``f{n-1}``, each ``const`` of one immediate float32
+    scalar tensor as its output; weight.bin holds no blob. With ``blobs``, each const is instead a
+    16-element float32 blob of its own, and every tenth function's blob repeats function 0's
+    bytes (duplicates for inspect and shrink to find)."""
     model = pb.Model(specificationVersion=9)
     model.mlProgram.version = 1
     with StagedPackage(path, sync=False) as staged:
-        with BlobWriter(staged.weight_path("weight.bin"), sync=False):
-            pass
+        writer = BlobWriter(staged.weight_path("weight.bin"), sync=False)
         for i in range(n):
             name = f"f{i}"
             fn = model.mlProgram.functions.add(key=name).value
@@ -50,16 +53,23 @@ def build_weightless(path: str, n: int) -> str:
             value = pb.Value()
             value.type.tensorType.dataType = pb.FLOAT32
             value.type.tensorType.rank = 1
-            value.type.tensorType.dimensions.add().constant.size = 1
-            value.immediateValue.tensor.floats.values.append(float(i))
+            if blobs:
+                value.type.tensorType.dimensions.add().constant.size = 16
+                seed = 0 if i % 10 == 0 else i
+                value.blobFileValue.fileName = "@model_path/weights/weight.bin"
+                value.blobFileValue.offset = writer.add_array("float32", [float(seed + k) for k in range(16)])
+            else:
+                value.type.tensorType.dimensions.add().constant.size = 1
+                value.immediateValue.tensor.floats.values.append(float(i))
             op = block.operations.add(type="const")
             op.outputs.add(name=f"{name}_out").type.CopyFrom(value.type)
             op.attributes.add(key="val").value.CopyFrom(value)
             block.outputs.append(f"{name}_out")
             desc = model.description.functions.add(name=name)
             out = desc.output.add(name=f"{name}_out")
-            out.type.multiArrayType.shape.append(1)
+            out.type.multiArrayType.shape.append(16 if blobs else 1)
             out.type.multiArrayType.dataType = pb.ArrayFeatureType.FLOAT32
+        writer.close()
         model.description.defaultFunctionName = "f0"
         staged.commit(model)
     return path
@@ -112,6 +122,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--only", default=None, help="comma-separated labels of the commands to run")
     ap.add_argument("--json", default=None, help="also write the results to this file")
     ap.add_argument("--keep", action="store_true", help="keep the packages built")
+    ap.add_argument("--blobs", action="store_true",
+                    help="give every function a small weight blob of its own (every tenth a duplicate)")
     ap.add_argument("--reference-tree", default=None, metavar="DIR",
                     help="also run each command with the milsurgery of another checkout (e.g. the previous "
                          "release), side by side")
@@ -124,7 +136,7 @@ def main(argv: list[str] | None = None) -> int:
             pkg = os.path.join(args.workdir, f"weightless-{n}.mlpackage")
             shutil.rmtree(pkg, ignore_errors=True)
             t0 = time.perf_counter()
-            build_weightless(pkg, n)
+            build_weightless(pkg, n, blobs=args.blobs)
             print(f"built {n} functions in {time.perf_counter() - t0:.2f} s", file=sys.stderr)
             scratch = os.path.join(args.workdir, f"scratch-{n}")
             for label, cmd in commands(pkg, n, scratch).items():
