@@ -218,8 +218,8 @@ def test_scale_bench_runs(tmp_path, capsys):
     import scale_bench
 
     out = tmp_path / "r.json"
-    rc = scale_bench.main(["--sizes", "20,40", "--only", "inspect --json,rename 1", "--workdir", str(tmp_path / "w"),
-                           "--json", str(out)])
+    rc = scale_bench.main(["--sizes", "20,40", "--blobs", "--only", "inspect --json,rename 1", "--workdir",
+                           str(tmp_path / "w"), "--json", str(out)])
     assert rc == 0
     import json
 
@@ -229,6 +229,10 @@ def test_scale_bench_runs(tmp_path, capsys):
         assert all(r["exit"] == 0 and r["seconds"] > 0 and r["peak_rss_kib"] > 0 for r in by_size.values())
     assert not (tmp_path / "w").exists()  # packages removed
     assert "inspect --json" in capsys.readouterr().out
+    built = scale_bench.build_weightless(str(tmp_path / "b.mlpackage"), 20, blobs=True)
+    info = inspect_package(built)
+    assert len(info["functions"]) == 20 and info["weight_files"][0]["blobs"] == 20
+    assert [len(g["copies"]) for g in info["duplicates"]] == [2]  # f0 and f10 hold the same bytes
 
 
 def test_inspect_shared_ignores_program_attribute_references(tmp_path):
