@@ -3,10 +3,11 @@
 Each returns a :class:`milsurgery.assemble.WriteReport`. All but ``append`` write a new package
 through :func:`milsurgery.assemble.write_package` (atomic, sources untouched); ``shrink`` can also
 replace its source in place, by building the new package beside it and exchanging the two
-directories in one atomic step. Both in-place edits hold the package's edit lock (:mod:`milsurgery.lock`) from before they read
-it until they are done, so concurrent editors run one after another. ``append`` edits in place: new blobs are appended to weight.bin
+directories in one atomic step. ``append`` edits in place: new blobs are appended to weight.bin
 and flushed, the header count is updated, then the spec is replaced with a rename, so a process
-killed at any instant leaves the old package or the new one.
+killed at any instant leaves the old package or the new one. Both in-place edits hold the
+package's edit lock (:mod:`milsurgery.lock`) from before they read it until they are done, so
+concurrent editors run one after another.
 """
 
 from __future__ import annotations
