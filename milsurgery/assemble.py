@@ -285,7 +285,10 @@ def write_package(
         references=len(pairs),
         warnings=warnings,
     )
-    output_real = os.path.realpath(report.output)
+    try:
+        output_real = os.path.realpath(report.output)
+    except ValueError as exc:  # a NUL character, which no file name may hold
+        raise UsageError(f"output path {report.output!r} is not usable: {exc}") from None
     for src in distinct_sources(picks):
         if output_real == os.path.realpath(src.path):
             raise UsageError(f"{report.output}: the output cannot be one of the sources")

@@ -503,6 +503,8 @@ def output_cases() -> list[OutputCase]:
                    ("replaces only an existing .mlpackage",)),
         OutputCase("output-plain-file", lambda w: (j(w, "proj", "notes.txt"), w), UsageError,
                    ("replaces only an existing .mlpackage",)),
+        OutputCase("output-holds-a-nul-character", lambda w: (j(w, "a\x00b.mlpackage"), w), UsageError,
+                   ("not usable",)),
         OutputCase("output-name-too-long", lambda w: (j(w, "a" * 300 + ".mlpackage"), w), WriteError, (_TOO_LONG,)),
         OutputCase("output-path-too-long", lambda w: (j(w, *["d"] * 2100, "x.mlpackage"), w), WriteError,
                    (_TOO_LONG,)),
