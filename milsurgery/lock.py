@@ -49,7 +49,10 @@ def edit_lock(path: str | os.PathLike, *, wait: bool = True, poll: float = 0.05)
     editors are done (a signal still interrupts it); without, it raises
     :class:`PackageLockedError` at once if another process holds the lock.
     """
-    real = os.path.realpath(os.fspath(path))
+    try:
+        real = os.path.realpath(os.fspath(path))
+    except ValueError as exc:  # a NUL character
+        raise PackageError(f"{os.fspath(path)!r}: package path is not usable ({exc})") from None
     if fcntl is None:
         raise UsageError("in-place edits need flock, which this system lacks; write to a new path with -o instead")
     while True:

@@ -37,6 +37,8 @@ def parse_source(text: str | os.PathLike | SourceSpec) -> SourceSpec:
     text = os.fspath(text)
     if not isinstance(text, str) or not text:
         raise UsageError(f"source must be a non-empty path, got {text!r}")
+    if "\x00" in text:
+        raise UsageError(f"source {text!r}: a path cannot hold a NUL character")
     path, sep, func = text.rpartition(":")
     if not sep or os.path.exists(text) or not path:
         return SourceSpec(text)
