@@ -249,7 +249,7 @@ class Package:
             what = "does not exist" if isinstance(exc, FileNotFoundError) else f"cannot be read ({exc.strerror})"
             raise PackageError(f"{self.path}: package {what}") from None
         except ValueError as exc:
-            raise PackageError(f"{self.path}: package path is not usable ({exc})") from None
+            raise PackageError(f"{self.path!r}: package path is not usable ({exc})") from None
         if not stat.S_ISDIR(st.st_mode):
             raise PackageError(f"{self.path}: package is not a directory")
         return (st.st_dev, st.st_ino)
