@@ -5,7 +5,8 @@ reads anything, and holds it until its edit is complete: a second editor of the 
 waits for the first to finish (or, asked not to wait, is refused), then reads what the first one
 wrote. Nothing is created in or beside the package. Readers take no lock: every edit publishes
 with one atomic step (a rename or a directory exchange), so a reader sees the old package or the
-new one.
+new one. A writer replacing the package with ``--force`` takes the lock for its rename, so it
+waits for an in-place edit under way instead of discarding it halfway.
 
 ``shrink --in-place`` replaces the directory: an editor that was waiting on the old directory
 notices, once it holds the lock, that the path now names another directory, and locks that one

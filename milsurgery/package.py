@@ -12,6 +12,7 @@ appears complete or not at all.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import json
 import os
@@ -51,6 +52,7 @@ from .formats import (
     WEIGHTS_ITEM_PATH,
     WEIGHTS_NAME,
 )
+from .lock import edit_lock
 from .spec import (
     BlobRef,
     blob_dtype_for,
@@ -713,6 +715,14 @@ class StagedPackage:
                 raise
         parent = os.path.dirname(self.dest)
         old_dir = moved = None
+        locked = contextlib.ExitStack()
+        if self.force and os.path.isdir(self.dest):
+            # An in-place edit of the package being replaced finishes first (its lock is held
+            # across the rename); editors waiting behind it then edit the replacement.
+            try:
+                locked.enter_context(edit_lock(self.dest))
+            except MilSurgeryError:
+                pass  # gone or unlockable: nothing is editing it in place
         try:
             if os.path.lexists(self.dest):
                 if not self.force:
@@ -737,6 +747,8 @@ class StagedPackage:
                     f"{self.dest}: moving the new package into place failed: {exc.strerror}"
                 ) from None
             raise
+        finally:
+            locked.close()
         if old_dir is not None:
             shutil.rmtree(old_dir, ignore_errors=True)
         if self.sync:

@@ -186,3 +186,24 @@ def test_cli_no_wait_is_refused_with_one_line_and_the_package_untouched(packages
         holder.stdin.close()
         holder.wait(TIMEOUT)
     assert snapshot(target) == before
+
+
+def test_force_replacement_waits_for_an_in_place_edit(packages, tmp_path):
+    base, sources = packages
+    target = str(tmp_path / "t.mlpackage")
+    shutil.copytree(base, target)
+    holder = _hold_lock(target)
+    try:
+        replacing = cli("merge", "--force", "--quiet", "-o", target, f"{sources[1]}:main=other")
+        time.sleep(1.5)  # it builds the new package, then waits for the lock to rename it in
+        assert replacing.poll() is None, replacing.communicate()
+        with open_package(target) as pkg:
+            assert pkg.functions == ["main"]  # not replaced while the edit is under way
+    finally:
+        holder.stdin.close()
+        holder.wait(TIMEOUT)
+    rc, err = finish(replacing)
+    assert rc == 0, err
+    with open_package(target) as pkg:
+        assert pkg.functions == ["other"]
+    assert sorted(os.listdir(tmp_path)) == ["t.mlpackage"]
