@@ -8,6 +8,9 @@ command over every case; this module can also write the corpus to a directory, e
 
     python tests/malformed.py OUTDIR
 
+Some cases hold special files (FIFOs, symlinks to ``/dev/zero`` or out of the package): a tool
+that reads the corpus must not open every file blindly (``open`` of a FIFO blocks).
+
 The base package (built by :func:`make_base`) has two functions, ``a`` and ``b``, and three blobs:
 a float16 4x4 matrix and a 5-element uint4 index tensor (3 bytes, 4 padding bits) used by ``a``,
 and a float32 vector used by ``b``.
