@@ -44,6 +44,9 @@ class FunctionCheck:
     differences: list[str] = field(default_factory=list)
     blobs_compared: int = 0
     bytes_compared: int = 0
+    #: weights whose blobs differ but whose values meet the tolerance (``verify(tolerance=...)``):
+    #: op, kind and metrics against the source's weight
+    tolerated: list[dict] = field(default_factory=list)
 
     @property
     def equivalent(self) -> bool:
@@ -105,6 +108,7 @@ class VerifyReport:
                     "differences": c.differences,
                     "blobs_compared": c.blobs_compared,
                     "bytes_compared": c.bytes_compared,
+                    "tolerated": c.tolerated,
                 }
                 for c in self.checks
             ],
@@ -192,7 +196,7 @@ def _description_differences(a: pb.FunctionDescription, b: pb.FunctionDescriptio
     return out
 
 
-def _check(pkg: Package, name: str, pick: Pick) -> FunctionCheck:
+def _check(pkg: Package, name: str, pick: Pick, tolerance=None) -> FunctionCheck:
     src = pick.source
     check = FunctionCheck(function=name, source=f"{src.path}:{pick.name}")
     mine, theirs = pkg.function(name), src.function(pick.name)
@@ -205,6 +209,7 @@ def _check(pkg: Package, name: str, pick: Pick) -> FunctionCheck:
         return check
     # Same graph shape => the walks pair up reference by reference.
     seen: dict[tuple, bool] = {}
+    differing: list[tuple[ResolvedRef, ResolvedRef]] = []
     for ra, rb in zip(refs_a, refs_b):
         a, b = BlobSource(ra.file, ra.blob), BlobSource(rb.file, rb.blob)
         key = (a.key, b.key)
@@ -213,12 +218,19 @@ def _check(pkg: Package, name: str, pick: Pick) -> FunctionCheck:
             check.blobs_compared += 1
             check.bytes_compared += ra.blob.size
         if not seen[key]:
-            r = ra.ref
-            check.differences.append(
-                f"{r.describe()}: blob at offset {ra.blob.record_offset} of {ra.file.path} "
-                f"({ra.blob.dtype.name}, {ra.blob.size} bytes) differs from the source's blob at "
-                f"offset {rb.blob.record_offset} of {rb.file.path} ({rb.blob.dtype.name}, {rb.blob.size} bytes)"
-            )
+            differing.append((ra, rb))
+    if differing:
+        from .adopt import weight_differences
+
+        # Weights whose blobs differ are judged by their values (tolerated ones drop out).
+        differing = weight_differences(pkg, name, src, pick.name, differing, tolerance, check)
+    for ra, rb, note in differing:
+        r = ra.ref
+        check.differences.append(
+            f"{r.describe()}: blob at offset {ra.blob.record_offset} of {ra.file.path} "
+            f"({ra.blob.dtype.name}, {ra.blob.size} bytes) differs from the source's blob at "
+            f"offset {rb.blob.record_offset} of {rb.file.path} ({rb.blob.dtype.name}, {rb.blob.size} bytes){note}"
+        )
     return check
 
 
@@ -252,7 +264,7 @@ def _check_attributes(pkg: Package, sources: Sequence[Package]) -> list[Attribut
     return checks
 
 
-def verify_picks(pkg: Package, picks: Sequence[Pick]) -> VerifyReport:
+def verify_picks(pkg: Package, picks: Sequence[Pick], tolerance=None) -> VerifyReport:
     """Check each pick's ``new_name`` function of ``pkg`` against its source function, and the
     program attributes of ``pkg`` holding blob references against the picks' sources'."""
     checks = []
@@ -260,27 +272,43 @@ def verify_picks(pkg: Package, picks: Sequence[Pick]) -> VerifyReport:
     for pick in picks:
         if pick.new_name not in present:
             raise UsageError(f"{pkg.path}: no function {pick.new_name!r} to verify (it has {pkg.functions})")
-        checks.append(_check(pkg, pick.new_name, pick))
+        checks.append(_check(pkg, pick.new_name, pick, tolerance))
     return VerifyReport(pkg.path, checks, _check_attributes(pkg, distinct_sources(list(picks))))
 
 
-def verify(package: str | os.PathLike, against: Sequence[str | os.PathLike | SourceSpec]) -> VerifyReport:
+def verify(
+    package: str | os.PathLike,
+    against: Sequence[str | os.PathLike | SourceSpec],
+    *,
+    tolerance: bool = False,
+    min_cosine: float | None = None,
+    max_mean_abs: float | None = None,
+    max_abs: float | None = None,
+) -> VerifyReport:
     """Verify functions of ``package`` against sources given as ``SRC[:FUNC[=NEW]]``.
 
     ``SRC`` alone checks every function of SRC under its own name; ``SRC:FUNC=NEW`` checks the
     package's function NEW against SRC's FUNC. Raises :class:`MilSurgeryError` on bad input.
+
+    A weight whose blobs differ from the source's (an adopted near-duplicate) is a difference
+    whose message gives its metrics; with ``tolerance`` it passes when its dequantized values
+    meet the thresholds (defaults as for ``merge(adopt=True)``) and is listed in the check's
+    ``tolerated`` with its metrics.
     """
+    from .thresholds import adoption_options
+
+    thresholds = adoption_options(tolerance, None, min_cosine, max_mean_abs, max_abs, False)
     opened: dict[str, Package] = {}
     try:
         with Package(package) as pkg:
             picks = resolve_sources(against, opened)
-            return verify_picks(pkg, picks)
+            return verify_picks(pkg, picks, thresholds)
     finally:
         for p in opened.values():
             p.close()
 
 
-def verify_staged(staged: str, dest: str, picks: Sequence[Pick]) -> VerifyReport:
+def verify_staged(staged: str, dest: str, picks: Sequence[Pick], tolerance=None) -> VerifyReport:
     """Verify a package written to the staging directory ``staged`` that is to become ``dest``.
 
     Raises :class:`VerificationFailed` if it differs from its sources, or the error that opening
@@ -292,7 +320,7 @@ def verify_staged(staged: str, dest: str, picks: Sequence[Pick]) -> VerifyReport
 
     try:
         with Package(staged) as pkg:
-            report = verify_picks(pkg, picks)
+            report = verify_picks(pkg, picks, tolerance)
     except MilSurgeryError as exc:  # same class, so callers catch what they would have
         if isinstance(exc, FormatError):
             exc.path = renamed(exc.path)
