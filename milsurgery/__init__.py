@@ -7,6 +7,7 @@ byte-exactly, and copies weight bytes file to file so memory stays flat.
 
 from .assemble import Pick, WriteReport, write_package
 from .blobfile import Blob, BlobFile, BlobWriter
+from .compress import CompressReport, compress
 from .errors import (
     BlobFileError,
     DestinationExistsError,
@@ -62,6 +63,7 @@ __all__ = [
     "BlobFile",
     "BlobFileError",
     "BlobWriter",
+    "CompressReport",
     "DestinationExistsError",
     "FormatError",
     "ManifestError",
@@ -81,6 +83,7 @@ __all__ = [
     "WriteReport",
     "append",
     "compare_weights",
+    "compress",
     "dequantize",
     "edit_lock",
     "extract",
