@@ -7,6 +7,8 @@ byte-exactly, and copies weight bytes file to file so memory stays flat.
 
 from .assemble import Pick, WriteReport, write_package
 from .blobfile import Blob, BlobFile, BlobWriter
+from .compiled import CompiledModel, open_model
+from .diff import DiffReport, diff
 from .compress import CompressReport, compress
 from .errors import (
     BlobFileError,
@@ -14,6 +16,7 @@ from .errors import (
     FormatError,
     ManifestError,
     MilSurgeryError,
+    MilTextError,
     PackageError,
     PackageLockedError,
     SpecError,
@@ -25,7 +28,9 @@ from .inspect import inspect_package
 from .memory import memory_model
 from .merge import merge, parse_source
 from .lock import edit_lock
+from .miltext import parse_program, print_program
 from .package import Package, open_package, read_input
+from .show import show
 from .surgery import append, extract, remove, rename, shrink
 from .verify import VerificationFailed, VerifyReport, verify
 
@@ -63,11 +68,14 @@ __all__ = [
     "BlobFile",
     "BlobFileError",
     "BlobWriter",
+    "CompiledModel",
     "CompressReport",
     "DestinationExistsError",
+    "DiffReport",
     "FormatError",
     "ManifestError",
     "MilSurgeryError",
+    "MilTextError",
     "Package",
     "PackageError",
     "PackageLockedError",
@@ -85,6 +93,7 @@ __all__ = [
     "compare_weights",
     "compress",
     "dequantize",
+    "diff",
     "edit_lock",
     "extract",
     "find_weights",
@@ -92,11 +101,15 @@ __all__ = [
     "iter_values",
     "memory_model",
     "merge",
+    "open_model",
     "open_package",
+    "parse_program",
     "parse_source",
+    "print_program",
     "read_input",
     "remove",
     "rename",
+    "show",
     "shrink",
     "verify",
     "write_package",

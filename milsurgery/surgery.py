@@ -23,7 +23,8 @@ from .blobfile import BlobWriter, restore_blob_file
 from .coalesce import BlobSource, Stats, group_identical
 from .errors import UsageError
 from .formats import DEFAULT_WEIGHT_REF, MAIN_FUNCTION, MULTIFUNCTION_SPEC_VERSION
-from .merge import SourceSpec, resolve_sources
+from .sources import SourceSpec, resolve_sources
+from .compiled import open_model
 from .lock import edit_lock
 from .package import PARTIAL_MARKER, Package, remove_entry, remove_stale_partials
 
@@ -133,7 +134,7 @@ def extract(
     """
     if not functions:
         raise UsageError("extract needs at least one function")
-    with Package(package) as pkg:
+    with open_model(package) as pkg:
         picks = resolve_sources(
             [SourceSpec(pkg.path, *_split_rename(f)) for f in functions], {os.path.realpath(pkg.path): pkg}
         )

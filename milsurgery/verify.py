@@ -22,7 +22,8 @@ from ._proto import milsurgery_spec_pb2 as pb
 from .assemble import Pick, distinct_sources, values_equal
 from .coalesce import BlobSource, blobs_equal
 from .errors import FormatError, MilSurgeryError, UsageError
-from .merge import SourceSpec, resolve_sources
+from .compiled import open_model
+from .sources import SourceSpec, resolve_sources
 from .package import Package, ResolvedRef
 from .spec import iter_blob_refs
 
@@ -196,13 +197,29 @@ def _description_differences(a: pb.FunctionDescription, b: pb.FunctionDescriptio
     return out
 
 
+def _recovered_description_differences(a: pb.FunctionDescription, b: pb.FunctionDescription) -> list[str]:
+    """Differences in what a compiled model's metadata.json records: names, kinds, array dtypes
+    and shapes, optionality of inputs, outputs and states."""
+    from .inspect import feature_summary
+
+    return [
+        f"description {name} differs"
+        for name in ("input", "output", "state")
+        if [feature_summary(f) for f in getattr(a, name)] != [feature_summary(f) for f in getattr(b, name)]
+    ]
+
+
 def _check(pkg: Package, name: str, pick: Pick, tolerance=None) -> FunctionCheck:
     src = pick.source
     check = FunctionCheck(function=name, source=f"{src.path}:{pick.name}")
     mine, theirs = pkg.function(name), src.function(pick.name)
     refs_a: list[ResolvedRef] = pkg.function_refs(name)
     refs_b: list[ResolvedRef] = src.function_refs(pick.name)
-    check.differences += _description_differences(pkg.descriptions[name], src.descriptions[pick.name])
+    if getattr(pkg, "unrecovered", None) is not None or getattr(src, "unrecovered", None) is not None:
+        # A compiled model's description is rebuilt from metadata.json: compare what it holds.
+        check.differences += _recovered_description_differences(pkg.descriptions[name], src.descriptions[pick.name])
+    else:
+        check.differences += _description_differences(pkg.descriptions[name], src.descriptions[pick.name])
     ba, bb = _blanked(mine), _blanked(theirs)
     if ba.SerializeToString(deterministic=True) != bb.SerializeToString(deterministic=True):
         check.differences.append(_first_graph_difference(ba, bb))
@@ -300,7 +317,7 @@ def verify(
     thresholds = adoption_options(tolerance, None, min_cosine, max_mean_abs, max_abs, False)
     opened: dict[str, Package] = {}
     try:
-        with Package(package) as pkg:
+        with open_model(package) as pkg:
             picks = resolve_sources(against, opened)
             return verify_picks(pkg, picks, thresholds)
     finally:
