@@ -218,6 +218,10 @@ class Package:
     def __init__(self, path: str | os.PathLike):
         self.path = os.path.abspath(os.fspath(path))
         self.blob_files: dict[str, BlobFile] = {}
+        # Set here too, not only by _open_once: a subclass (a compiled model) opens its own way.
+        self._by_identity: dict[tuple[int, int], BlobFile] = {}
+        self._functions_cache: dict[str, pb.Function] | None = None
+        self._refs_by_function: dict[str, list[ResolvedRef]] | None = None
         try:
             self._open()
         except BaseException:
