@@ -7,10 +7,12 @@ byte-exactly, and copies weight bytes file to file so memory stays flat.
 
 from .assemble import Pick, WriteReport, write_package
 from .blobfile import Blob, BlobFile, BlobWriter
+from .check import CheckReport, check
 from .errors import (
     BlobFileError,
     DestinationExistsError,
     FormatError,
+    InvalidModelError,
     ManifestError,
     MilSurgeryError,
     PackageError,
@@ -33,8 +35,10 @@ __all__ = [
     "BlobFile",
     "BlobFileError",
     "BlobWriter",
+    "CheckReport",
     "DestinationExistsError",
     "FormatError",
+    "InvalidModelError",
     "ManifestError",
     "MilSurgeryError",
     "Package",
@@ -48,6 +52,7 @@ __all__ = [
     "WriteError",
     "WriteReport",
     "append",
+    "check",
     "extract",
     "inspect_package",
     "memory_model",

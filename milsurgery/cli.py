@@ -1,6 +1,6 @@
 """The ``milsurgery`` command line: parses arguments, calls the library, prints.
 
-Exit status: 0 success; 1 ``verify`` found a difference; 2 any error (one line on stderr,
+Exit status: 0 success; 1 ``verify`` found a difference or ``check`` a violation; 2 any error (one line on stderr,
 ``milsurgery: error: ...``; ``--debug`` adds the traceback); 130 interrupted (SIGINT), 143
 terminated (SIGTERM), partial outputs removed.
 """
@@ -173,6 +173,21 @@ def cmd_verify(args) -> int:
     return 0 if report.equivalent else 1
 
 
+def cmd_check(args) -> int:
+    from .check import check
+
+    report = check(args.package)
+    if args.json:
+        _print_json(report.to_dict())
+    elif report.valid:
+        print(f"{report.path}: valid")
+    else:
+        print(f"{report.path}: {len(report.violations)} violation(s) of Core ML's rules:")
+        for v in report.violations:
+            print(f"  {v}")
+    return 0 if report.valid else 1
+
+
 _NO_SYNC_HELP = (
     "do not flush OUT to disk (fsync) before it appears: faster; other programs still see OUT "
     "appear whole, but a power loss or system crash soon after may leave it incomplete"
@@ -253,6 +268,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--against", nargs="+", required=True, metavar="SRC[:FUNC[=NEW]]")
     p.add_argument("--json", action="store_true", help="print the report as JSON")
     p.set_defaults(func=cmd_verify)
+
+    p = sub.add_parser("check", help="apply Core ML's spec rules to PKG offline (exit 1 listing each violation)")
+    p.add_argument("package", metavar="PKG", help="an .mlpackage directory or a model.mlmodel spec file")
+    p.add_argument("--json", action="store_true", help="print the report as JSON")
+    p.set_defaults(func=cmd_check)
     return parser
 
 
