@@ -57,8 +57,10 @@ _INT8_MIN, _INT8_MAX = -128, 127
 
 @dataclass(frozen=True)
 class Violation:
-    """One broken rule: ``rule`` names the validator function it mirrors, ``message`` is the
-    validator's own text, ``where`` the part of the spec (``description``, ``function 'f'``...)."""
+    """One broken rule: ``rule`` names the validator function it mirrors (``program`` for the MIL
+    program's rules, which Apple's validator does not apply), ``message`` is the validator's own
+    text without the ``validator error:`` prefix it puts on every message, ``where`` the part of
+    the spec (``description``, ``function 'f' input 'x'``...)."""
 
     rule: str
     message: str
@@ -97,9 +99,10 @@ class CheckReport:
 
 
 def _size_range_problem(r: pb.SizeRange) -> str | None:
-    """``validateSizeRange``."""
+    """``validateSizeRange``. Its message is nested in others whole, with the ``validator error:``
+    prefix every message of Apple's validator carries (and :class:`Violation` leaves off)."""
     if r.upperBound > 0 and r.lowerBound > r.upperBound:
-        return f"Size range is invalid ({r.lowerBound}, {r.upperBound} )."
+        return f"validator error: Size range is invalid ({r.lowerBound}, {r.upperBound} )."
     return None
 
 
