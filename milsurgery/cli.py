@@ -156,15 +156,19 @@ def cmd_append(args) -> int:
 def cmd_verify(args) -> int:
     from .verify import verify
 
-    report = verify(args.package, args.against)
+    report = verify(args.package, args.against, default=args.default)
     if args.json:
         _print_json(report.to_dict())
     else:
+        for d in report.package_differences:
+            print(f"package: DIFFERS: {d}")
         for c in report.checks:
             status = "equivalent" if c.equivalent else "DIFFERS"
             print(f"{c.function}: {status} to {c.source} ({c.blobs_compared} blobs, {c.bytes_compared} bytes compared)")
             for d in c.differences:
                 print(f"  {d}")
+            for n in c.notes:
+                print(f"  note: {n}")
         for a in report.attributes:
             if a.equivalent:
                 print(f"program attribute {a.key!r}: equivalent to {a.matched}'s ({a.blobs_compared} blobs, {a.bytes_compared} bytes compared)")
@@ -266,6 +270,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("verify", help="prove functions of PKG equal their sources (exit 1 if not)")
     p.add_argument("package", metavar="PKG")
     p.add_argument("--against", nargs="+", required=True, metavar="SRC[:FUNC[=NEW]]")
+    p.add_argument("--default", metavar="NAME", help="the default function PKG must have (otherwise: the first source function, or a source's default)")
     p.add_argument("--json", action="store_true", help="print the report as JSON")
     p.set_defaults(func=cmd_verify)
 

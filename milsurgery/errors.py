@@ -80,6 +80,6 @@ class InvalidModelError(MilSurgeryError):
         self.violations = list(violations)
         listed = "; ".join(str(v) for v in self.violations)
         super().__init__(
-            f"{self.path}: internal error: the package written breaks Core ML's rules, so it was not "
-            f"kept: {listed}"
+            f"{self.path}: internal error: the package written breaks Core ML's rules (a milsurgery "
+            f"bug, unless a source breaks them too), so it was not kept: {listed}"
         )

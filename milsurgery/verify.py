@@ -5,7 +5,19 @@ A function is equivalent to its source when its graph is identical except for bl
 the source's blob at the same place in the graph; its I/O description must match too.
 
 Program attributes holding blob references are checked too: each must equal, referenced bytes
-included, the value of some source having that key (see :func:`_check_attributes`).
+included, the value of some source having that key, and a key no source has is a difference
+(see :func:`_check_attributes`).
+
+Besides the functions, everything else that changes what Core ML loads or describes is checked
+(:func:`_package_differences`): the model-level description (empty in a multi-function model),
+the specification version, ``isUpdatable``, the program version, the default function (when the
+whole package is verified) and blob files in subdirectories of ``weights/``, which coremltools
+and Core ML may resolve differently and are therefore refused.
+
+Protobuf maps are unordered (a package re-saved by coremltools may list op inputs in another
+order), so graphs are compared with every map sorted by key. Sub-byte blobs that differ only in
+the padding bits past their last element hold equal values: that is reported as a note, not a
+difference.
 
 The check is independent of how the package was written: it walks both functions, compares the
 referenced bytes, blanks the blob references in copies of both and compares the serialized
@@ -19,9 +31,11 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from ._proto import milsurgery_spec_pb2 as pb
-from .assemble import Pick, distinct_sources, values_equal
-from .coalesce import BlobSource, blobs_equal
+from .assemble import Pick, _function_spec_version, distinct_sources, values_equal
+from .check import MODEL_LEVEL_IO
+from .coalesce import BlobSource, _same_bytes, _windows, blobs_equal
 from .errors import FormatError, MilSurgeryError, UsageError
+from .formats import MODEL_PATH_PREFIX, MULTIFUNCTION_SPEC_VERSION
 from .merge import SourceSpec, resolve_sources
 from .package import Package, ResolvedRef
 from .spec import iter_blob_refs
@@ -44,6 +58,7 @@ class FunctionCheck:
     differences: list[str] = field(default_factory=list)
     blobs_compared: int = 0
     bytes_compared: int = 0
+    notes: list[str] = field(default_factory=list)  # equal values, said in words (padding bits)
 
     @property
     def equivalent(self) -> bool:
@@ -66,6 +81,8 @@ class AttributeCheck:
 
     @property
     def difference(self) -> str:
+        if not self.sources:
+            return f"program attribute {self.key!r} holds blobs but no source has an attribute of this key"
         return (
             f"program attribute {self.key!r} equals none of the sources' values "
             f"(graphs and referenced bytes compared with {', '.join(self.sources)})"
@@ -77,12 +94,21 @@ class VerifyReport:
     package: str
     checks: list[FunctionCheck]
     attributes: list[AttributeCheck] = field(default_factory=list)
+    #: differences outside the functions: model-level description, specification version,
+    #: isUpdatable, program version, default function, blob file paths
+    package_differences: list[str] = field(default_factory=list)
 
     @property
     def equivalent(self) -> bool:
-        return all(c.equivalent for c in self.checks) and all(a.equivalent for a in self.attributes)
+        return (
+            all(c.equivalent for c in self.checks)
+            and all(a.equivalent for a in self.attributes)
+            and not self.package_differences
+        )
 
     def summary(self) -> str:
+        if self.package_differences:
+            return f"{self.package}: {self.package_differences[0]}"
         bad = [c for c in self.checks if not c.equivalent]
         if bad:
             first = bad[0]
@@ -97,6 +123,7 @@ class VerifyReport:
         return {
             "package": self.package,
             "equivalent": self.equivalent,
+            "package_differences": self.package_differences,
             "functions": [
                 {
                     "function": c.function,
@@ -105,6 +132,7 @@ class VerifyReport:
                     "differences": c.differences,
                     "blobs_compared": c.blobs_compared,
                     "bytes_compared": c.bytes_compared,
+                    "notes": c.notes,
                 }
                 for c in self.checks
             ],
@@ -122,15 +150,72 @@ class VerifyReport:
         }
 
 
-def _blanked(function: pb.Function) -> pb.Function:
-    """A copy of ``function`` with every blob reference's file name and offset cleared."""
+def _is_map_entry(descriptor) -> bool:
+    """Our schema declares ``map<K, V>`` as ``repeated XxxEntry {key = 1; value = 2}``."""
+    return descriptor.name.endswith("Entry") and set(descriptor.fields_by_name) == {"key", "value"}
+
+
+def _sort_maps(message) -> None:
+    """Sort every map field of ``message`` by key, in place and recursively; of a repeated key
+    only the last entry is kept, as protobuf does when it parses a map."""
+    for fd, value in message.ListFields():
+        if fd.message_type is None:
+            continue
+        if fd.is_repeated:
+            if _is_map_entry(fd.message_type):
+                last = {e.key: e for e in value}
+                kept = []
+                for key in sorted(last):
+                    copy = type(last[key])()
+                    copy.CopyFrom(last[key])
+                    kept.append(copy)
+                del value[:]
+                value.extend(kept)
+            for v in value:
+                _sort_maps(v)
+        else:
+            _sort_maps(value)
+
+
+def _canonical(function: pb.Function, name: str) -> pb.Model:
+    """A model holding only a copy of ``function`` (as ``name``) with its maps sorted by key."""
     holder = pb.Model()
-    entry = holder.mlProgram.functions.add(key="f")
+    entry = holder.mlProgram.functions.add(key=name)
     entry.value.CopyFrom(function)
-    for ref in iter_blob_refs(holder, functions=["f"]):
+    _sort_maps(entry.value)
+    return holder
+
+
+def _blanked(holder: pb.Model) -> pb.Function:
+    """A copy of the one function of ``holder`` with every blob reference's file name and offset
+    cleared."""
+    copy = pb.Model()
+    copy.CopyFrom(holder)
+    for ref in iter_blob_refs(copy):
         ref.value.blobFileValue.fileName = ""
         ref.value.blobFileValue.offset = 0
-    return entry.value
+    return copy.mlProgram.functions[0].value
+
+
+def _padding_only_difference(a: BlobSource, b: BlobSource) -> int | None:
+    """How many padding bits (past the last element of a sub-byte blob) differ when nothing
+    else does, so the values are equal; ``None`` if anything else differs. Reads both blobs."""
+    ba, bb = a.blob, b.blob
+    if a.shape_key != b.shape_key or not ba.dtype.sub_byte or not 0 < ba.padding_bits < 8:
+        return None
+    mask = (1 << (8 - ba.padding_bits)) - 1  # elements fill each byte from its low bit
+    done = 0
+    last = None
+    for va, vb in zip(_windows(a), _windows(b)):
+        done += len(va)
+        body = len(va) - 1 if done == ba.size else len(va)
+        if not _same_bytes(va[:body], vb[:body]):
+            return None
+        if body < len(va):
+            last = (va[body], vb[body])
+    if last is None or (last[0] ^ last[1]) & mask:
+        return None
+    return bin(last[0] ^ last[1]).count("1")
 
 
 def _op_label(op: pb.Operation) -> str:
@@ -195,15 +280,16 @@ def _description_differences(a: pb.FunctionDescription, b: pb.FunctionDescriptio
 def _check(pkg: Package, name: str, pick: Pick) -> FunctionCheck:
     src = pick.source
     check = FunctionCheck(function=name, source=f"{src.path}:{pick.name}")
-    mine, theirs = pkg.function(name), src.function(pick.name)
-    refs_a: list[ResolvedRef] = pkg.function_refs(name)
-    refs_b: list[ResolvedRef] = src.function_refs(pick.name)
+    # Maps sorted by key on both sides: the same graph re-saved with its maps in another order
+    # compares equal, and the walks below pair up reference by reference.
+    mine, theirs = _canonical(pkg.function(name), name), _canonical(src.function(pick.name), pick.name)
+    refs_a: list[ResolvedRef] = [pkg.resolve(r) for r in iter_blob_refs(mine)]
+    refs_b: list[ResolvedRef] = [src.resolve(r) for r in iter_blob_refs(theirs)]
     check.differences += _description_differences(pkg.descriptions[name], src.descriptions[pick.name])
     ba, bb = _blanked(mine), _blanked(theirs)
     if ba.SerializeToString(deterministic=True) != bb.SerializeToString(deterministic=True):
         check.differences.append(_first_graph_difference(ba, bb))
         return check
-    # Same graph shape => the walks pair up reference by reference.
     seen: dict[tuple, bool] = {}
     for ra, rb in zip(refs_a, refs_b):
         a, b = BlobSource(ra.file, ra.blob), BlobSource(rb.file, rb.blob)
@@ -212,6 +298,13 @@ def _check(pkg: Package, name: str, pick: Pick) -> FunctionCheck:
             seen[key] = blobs_equal(a, b)
             check.blobs_compared += 1
             check.bytes_compared += ra.blob.size
+            bits = None if seen[key] else _padding_only_difference(a, b)
+            if bits is not None:
+                seen[key] = True
+                check.notes.append(
+                    f"{ra.ref.describe()}: blob at offset {ra.blob.record_offset} of {ra.file.path} differs "
+                    f"from the source's only in {bits} padding bit(s) past its last element; the values are equal"
+                )
         if not seen[key]:
             r = ra.ref
             check.differences.append(
@@ -228,7 +321,7 @@ def _check_attributes(pkg: Package, sources: Sequence[Package]) -> list[Attribut
     A merge keeps the first source's value of a key that several sources have, and ``append``
     keeps the package's own, so an attribute is equivalent when it equals the value of *some*
     source having that key: same structure with blob references blanked, and the same bytes in
-    every referenced blob. Keys no source has are not checked (nothing to compare with).
+    every referenced blob. A key no source has is a difference: its blobs come from nowhere.
     """
     checks = []
     for entry in pkg.model.mlProgram.attributes:
@@ -239,8 +332,6 @@ def _check_attributes(pkg: Package, sources: Sequence[Package]) -> list[Attribut
         candidates = [
             (src, e.value) for src in sources for e in src.model.mlProgram.attributes if e.key == entry.key
         ]
-        if not candidates:
-            continue
         check = AttributeCheck(entry.key, sorted({src.path for src, _ in candidates}))
         for src, value in candidates:
             if values_equal(pkg, entry.value, src, value, where):
@@ -252,34 +343,112 @@ def _check_attributes(pkg: Package, sources: Sequence[Package]) -> list[Attribut
     return checks
 
 
-def verify_picks(pkg: Package, picks: Sequence[Pick]) -> VerifyReport:
-    """Check each pick's ``new_name`` function of ``pkg`` against its source function, and the
-    program attributes of ``pkg`` holding blob references against the picks' sources'."""
+def _expected_defaults(picks: Sequence[Pick], default: str | None) -> list[str]:
+    """Default function names a package of ``picks`` may have: ``default`` if given; else the
+    first pick (what ``merge`` picks) or a multi-function source's default function under its
+    new name (what ``extract`` and ``rename`` keep)."""
+    if default is not None:
+        return [default]
+    out = [picks[0].new_name]
+    for p in picks:
+        if p.source.model.description.functions and p.name == p.source.default_function and p.new_name not in out:
+            out.append(p.new_name)
+    return out
+
+
+def _package_differences(pkg: Package, picks: Sequence[Pick], default: str | None) -> list[str]:
+    """What differs outside the functions: model-level description, specification version,
+    isUpdatable, program version, default function (when ``picks`` cover every function of
+    ``pkg``) and blob files in subdirectories of weights/. Reads no weight bytes."""
+    out = []
+    model, sources = pkg.model, distinct_sources(list(picks))
+    d = model.description
+    whole = set(pkg.functions) <= {p.new_name for p in picks}
+    multi = bool(d.functions)
+    if multi:
+        for name in MODEL_LEVEL_IO:
+            value = getattr(d, name)
+            if (len(value) if not isinstance(value, str) else value):
+                out.append(
+                    f"model-level description {name} is not empty (a multi-function model keeps its I/O "
+                    "in its FunctionDescriptions; Core ML refuses it at model level)"
+                )
+    version = model.specificationVersion
+    if multi:
+        expected = max([MULTIFUNCTION_SPEC_VERSION, *(p.source.model.specificationVersion for p in picks)])
+        if version < expected or (whole and version != expected):
+            out.append(
+                f"specification version is {version}, expected {expected} (the highest of "
+                f"{MULTIFUNCTION_SPEC_VERSION} and the sources')"
+            )
+    else:
+        low = max(_function_spec_version(p) for p in picks)
+        high = max(p.source.model.specificationVersion for p in picks)
+        if not low <= version <= high:
+            out.append(
+                f"specification version is {version}, expected {low}"
+                + (f" to {high} (the lowest the function needs to its source's)" if high > low else "")
+            )
+    updatable = {s.model.isUpdatable for s in sources}
+    if model.isUpdatable not in updatable:
+        out.append(f"isUpdatable is {model.isUpdatable}, the sources' is {sorted(updatable)[0]}")
+    program_versions = sorted({s.model.mlProgram.version for s in sources})
+    if model.mlProgram.version not in program_versions:
+        out.append(f"program version is {model.mlProgram.version}, the sources' is {program_versions[0]}")
+    if whole and multi:
+        allowed = _expected_defaults(picks, default)
+        if d.defaultFunctionName not in allowed:
+            out.append(
+                f"default function is {d.defaultFunctionName!r}, expected "
+                + " or ".join(repr(a) for a in allowed)
+            )
+    reported = set()
+    for r in pkg.refs:
+        name = r.ref.file_name
+        if "/" in name[len(MODEL_PATH_PREFIX) :] and name not in reported:
+            reported.add(name)
+            out.append(
+                f"{r.ref.describe()}: blob file {name!r} is in a subdirectory of weights/, which "
+                "coremltools and Core ML may resolve differently; not accepted"
+            )
+    return out
+
+
+def verify_picks(pkg: Package, picks: Sequence[Pick], *, default: str | None = None) -> VerifyReport:
+    """Check each pick's ``new_name`` function of ``pkg`` against its source function, the
+    program attributes of ``pkg`` holding blob references against the picks' sources', and what
+    lies outside the functions (:func:`_package_differences`; ``default`` is the expected default
+    function, see :func:`_expected_defaults`)."""
     checks = []
     for pick in picks:
         if pick.new_name not in pkg.functions:
             raise UsageError(f"{pkg.path}: no function {pick.new_name!r} to verify (it has {pkg.functions})")
         checks.append(_check(pkg, pick.new_name, pick))
-    return VerifyReport(pkg.path, checks, _check_attributes(pkg, distinct_sources(list(picks))))
+    sources = distinct_sources(list(picks))
+    return VerifyReport(pkg.path, checks, _check_attributes(pkg, sources), _package_differences(pkg, picks, default))
 
 
-def verify(package: str | os.PathLike, against: Sequence[str | os.PathLike | SourceSpec]) -> VerifyReport:
+def verify(
+    package: str | os.PathLike, against: Sequence[str | os.PathLike | SourceSpec], *, default: str | None = None
+) -> VerifyReport:
     """Verify functions of ``package`` against sources given as ``SRC[:FUNC[=NEW]]``.
 
     ``SRC`` alone checks every function of SRC under its own name; ``SRC:FUNC=NEW`` checks the
-    package's function NEW against SRC's FUNC. Raises :class:`MilSurgeryError` on bad input.
+    package's function NEW against SRC's FUNC. When the sources cover every function, the
+    default function must be ``default`` (if given; see :func:`_expected_defaults` otherwise).
+    Raises :class:`MilSurgeryError` on bad input.
     """
     opened: dict[str, Package] = {}
     try:
         with Package(package) as pkg:
             picks = resolve_sources(against, opened)
-            return verify_picks(pkg, picks)
+            return verify_picks(pkg, picks, default=default)
     finally:
         for p in opened.values():
             p.close()
 
 
-def verify_staged(staged: str, dest: str, picks: Sequence[Pick]) -> VerifyReport:
+def verify_staged(staged: str, dest: str, picks: Sequence[Pick], default: str | None = None) -> VerifyReport:
     """Verify a package written to the staging directory ``staged`` that is to become ``dest``.
 
     Raises :class:`VerificationFailed` if it differs from its sources, or the error that opening
@@ -291,7 +460,7 @@ def verify_staged(staged: str, dest: str, picks: Sequence[Pick]) -> VerifyReport
 
     try:
         with Package(staged) as pkg:
-            report = verify_picks(pkg, picks)
+            report = verify_picks(pkg, picks, default=default)
     except MilSurgeryError as exc:  # same class, so callers catch what they would have
         if isinstance(exc, FormatError):
             exc.path = renamed(exc.path)
@@ -300,6 +469,8 @@ def verify_staged(staged: str, dest: str, picks: Sequence[Pick]) -> VerifyReport
     report.package = dest
     for check in report.checks:
         check.differences = [renamed(d) for d in check.differences]
+        check.notes = [renamed(n) for n in check.notes]
+    report.package_differences = [renamed(d) for d in report.package_differences]
     if not report.equivalent:
         raise VerificationFailed(report)
     return report
