@@ -173,3 +173,106 @@ def test_writers_refuse_to_publish_invalid_packages(src, tmp_path, capsys):
     with pytest.raises(InvalidModelError):
         append(target, [f"{src['infer']}:main=infer"])
     assert tree_digest(target) == before
+
+
+# -- verify: everything outside the graphs that changes what Core ML loads -------------------------
+
+
+@pytest.fixture(scope="module")
+def merged(src, tmp_path_factory):
+    out = str(tmp_path_factory.mktemp("validity-merged") / "merged.mlpackage")
+    merge([f"{src['infer']}:main=infer", f"{src['prefill']}:main=prefill"], out)
+    return out
+
+
+def _resaved(pkg: str, change) -> bytes:
+    """Apply ``change`` to ``pkg``'s spec parsed with coremltools' classes and save it back."""
+    spec = ct_spec(pkg)
+    change(spec)
+    data = spec.SerializeToString()
+    with open(spec_path(pkg), "wb") as f:
+        f.write(data)
+    return data
+
+
+def _into_subdirectory(pkg: str, spec) -> None:
+    from checks import blob_values_in, weights_dir
+
+    os.makedirs(os.path.join(weights_dir(pkg), "sub"))
+    os.rename(os.path.join(weights_dir(pkg), "weight.bin"), os.path.join(weights_dir(pkg), "sub", "weight.bin"))
+    for v in blob_values_in(spec):
+        v.blobFileValue.fileName = "@model_path/weights/sub/weight.bin"
+
+
+def _attribute_with_blob(spec) -> None:
+    from checks import blob_values_in
+
+    spec.mlProgram.attributes["extra"].CopyFrom(blob_values_in(spec.mlProgram.functions["infer"])[0])
+
+
+MUTATIONS = [
+    ("model-level-input", lambda pkg, s: s.description.input.extend(s.description.functions[0].input), "model-level description input"),
+    ("model-level-output", lambda pkg, s: s.description.output.extend(s.description.functions[0].output), "model-level description output"),
+    ("spec-version", lambda pkg, s: setattr(s, "specificationVersion", 10), "specification version is 10, expected 9"),
+    ("updatable", lambda pkg, s: setattr(s, "isUpdatable", True), "isUpdatable is True"),
+    ("program-version", lambda pkg, s: setattr(s.mlProgram, "version", 2), "program version is 2"),
+    ("default-function", lambda pkg, s: setattr(s.description, "defaultFunctionName", "prefill"), "default function is 'prefill', expected 'infer'"),
+    ("attribute-blob", lambda pkg, s: _attribute_with_blob(s), "program attribute 'extra' holds blobs but no source has"),
+    ("weights-subdirectory", _into_subdirectory, "is in a subdirectory of weights/"),
+]
+
+
+@pytest.mark.parametrize("name,change,message", MUTATIONS, ids=[m[0] for m in MUTATIONS])
+def test_verify_names_each_mutated_field(src, merged, tmp_path, capsys, name, change, message):
+    pkg = str(tmp_path / "m.mlpackage")
+    shutil.copytree(merged, pkg)
+    _resaved(pkg, lambda spec: change(pkg, spec))
+    assert main(["verify", pkg, "--against", f"{src['infer']}:main=infer", f"{src['prefill']}:main=prefill"]) == 1
+    out = capsys.readouterr().out
+    assert message in out, out
+
+
+def test_verify_default_is_checked_only_for_the_whole_package(src, merged, capsys):
+    against = [f"{src['infer']}:main=infer", f"{src['prefill']}:main=prefill"]
+    assert main(["verify", merged, "--against", *against, "--default", "prefill"]) == 1
+    assert "default function is 'infer', expected 'prefill'" in capsys.readouterr().out
+    assert main(["verify", merged, "--against", f"{src['prefill']}:main=prefill"]) == 0
+
+
+def test_verify_accepts_a_no_op_resave_by_coremltools(src, merged, tmp_path, capsys):
+    """Protobuf maps are unordered: coremltools writes them back in its own order."""
+    pkg = str(tmp_path / "m.mlpackage")
+    shutil.copytree(merged, pkg)
+    with open(spec_path(pkg), "rb") as f:
+        before = f.read()
+    after = _resaved(pkg, lambda spec: None)
+    assert after != before  # the re-save did reorder something, so this test shows map order is ignored
+    assert main(["verify", pkg, "--against", f"{src['infer']}:main=infer", f"{src['prefill']}:main=prefill"]) == 0, capsys.readouterr()
+    assert main(["merge", "-o", str(tmp_path / "again.mlpackage"), f"{pkg}:infer", "--verify", "--quiet"]) == 0
+
+
+def test_padding_bits_past_the_last_element_are_a_note_not_a_difference(tmp_path, capsys):
+    import minipkg
+    from checks import blob_values_in, read_record, weights_dir
+
+    a = minipkg.make(tmp_path / "a.mlpackage", {"main": [("uint4", [1, 2, 3])]})  # 3 x 4 bits: 4 padding bits
+    out = str(tmp_path / "m.mlpackage")
+    merge([f"{a}:main=f"], out)
+    (value,) = blob_values_in(ct_spec(out))
+    dtype, size, padding, data = read_record(out, value.blobFileValue.fileName, value.blobFileValue.offset)
+    assert (dtype, size, padding, data) == (11, 2, 4, bytes([0x21, 0x03]))
+    path = os.path.join(weights_dir(out), "weight.bin")
+    last = value.blobFileValue.offset + 64 + size - 1
+
+    def poke(byte: int) -> None:
+        with open(path, "r+b") as f:
+            f.seek(last)
+            f.write(bytes([byte]))
+
+    poke(0x53)  # high nibble: padding only, element 2 still 3
+    assert main(["verify", out, "--against", f"{a}:main=f"]) == 0
+    text = capsys.readouterr().out
+    assert "only in 2 padding bit(s) past its last element; the values are equal" in text
+    poke(0x04)  # element 2 now 4: a real difference
+    assert main(["verify", out, "--against", f"{a}:main=f"]) == 1
+    assert "differs from the source's blob" in capsys.readouterr().out
