@@ -22,8 +22,10 @@ the validator meets them, so the first is what Core ML reports.
 
 The MIL program itself is compiled by Apple's closed compiler; of its requirements, the ones
 coremltools' loader also enforces are checked here (``mil_violations``): program version 1, each
-function's opset naming one of its block specializations and known for the spec version, and
-description and program naming the same functions.
+function's opset naming one of its block specializations and known for the spec version,
+description and program naming the same functions, and every op binding only inputs its
+definition declares (the table in ``_mil_ops``, taken from coremltools' op definitions for opsets
+CoreML5 to CoreML8; ops and opsets it does not define are not judged).
 
 Cost: reads Manifest.json and the spec; no weight bytes.
 """
@@ -35,6 +37,7 @@ from dataclasses import dataclass, field
 
 from google.protobuf.message import DecodeError
 
+from ._mil_ops import OP_INPUTS, OPSETS
 from ._proto import milsurgery_spec_pb2 as pb
 from .errors import InvalidModelError, SpecError
 from .formats import MAIN_FUNCTION, MAX_SPEC_BYTES, SPEC_FOR_OPSET
@@ -423,7 +426,8 @@ def mil_violations(model: pb.Model) -> list[Violation]:
     """What the MIL program needs that can be checked without Apple's compiler (coremltools'
     ``milproto`` loader refuses the same): program version 1; each function's opset one of its
     block specializations and known for the spec version; the description and the program
-    naming the same functions (a single-function model's one function is ``main``)."""
+    naming the same functions (a single-function model's one function is ``main``); op inputs
+    declared by the op's definition."""
     out = []
     prog = model.mlProgram
     if prog.version != 1:
@@ -446,6 +450,9 @@ def mil_violations(model: pb.Model) -> list[Violation]:
                     f"{model.specificationVersion}",
                     where,
                 ))
+        for key in keys:
+            block = e.value.block_specializations[keys.index(key)].value
+            out += _op_input_violations(block, key, where)
     described = [f.name for f in model.description.functions] or [MAIN_FUNCTION]
     for name in described:
         if name not in names:
@@ -453,6 +460,40 @@ def mil_violations(model: pb.Model) -> list[Violation]:
     for name in names:
         if name not in described:
             out.append(Violation("program", f"function {name!r} is in the program but not described", "description.functions"))
+    return out
+
+
+def _op_inputs(op_type: str, opset: str) -> tuple[str, ...] | None:
+    """The input names coremltools' definition of ``op_type`` declares in ``opset``, or None
+    when it has none for them (an op or opset it does not define)."""
+    changes = OP_INPUTS.get(op_type)
+    if changes is None or opset not in OPSETS:
+        return None
+    found = None
+    for first, names in changes:
+        if OPSETS.index(first) <= OPSETS.index(opset):
+            found = names
+    return found
+
+
+def _op_input_violations(block: pb.Block, opset: str, where: str) -> list[Violation]:
+    """Inputs an op binds that its definition in ``opset`` does not declare, in ``block`` and
+    the blocks nested in it. Ops or opsets coremltools does not define are not judged."""
+    out = []
+    for op in block.operations:
+        names = _op_inputs(op.type, opset)
+        if names is not None:
+            for e in op.inputs:
+                if e.key not in names:
+                    label = f"op {op.outputs[0].name!r}" if op.outputs else "op"
+                    out.append(Violation(
+                        "program",
+                        f"{label} ({op.type}) binds input {e.key!r}, which {op.type} does not have in "
+                        f"opset {opset} (it has {', '.join(n for n in names if not n.startswith('_')) or 'none'})",
+                        where,
+                    ))
+        for nested in op.blocks:
+            out += _op_input_violations(nested, opset, where)
     return out
 
 

@@ -304,6 +304,15 @@ def _rename_function(m, old, new):
     del m.mlProgram.functions[old]
 
 
+def _add_op(m, op_type, inputs):
+    from coremltools.proto import MIL_pb2
+
+    op = m.mlProgram.functions["main"].block_specializations["CoreML8"].operations.add(type=op_type)
+    for key in inputs:
+        op.inputs[key].arguments.add(name="x")
+    op.outputs.add(name="y").type.CopyFrom(MIL_pb2.ValueType())
+
+
 MIL_CASES = [
     ("program-version", lambda m: _set(m.mlProgram, version=2), "ML program version is 2; Core ML reads version 1"),
     ("opset-block", lambda m: _set(m.mlProgram.functions["main"], opset="CoreML7"),
@@ -313,6 +322,10 @@ MIL_CASES = [
     ("opset-newer", lambda m: _set(m, specificationVersion=8), "opset CoreML8 needs specification version 9 or later; this model has version 8"),
     ("function-missing", lambda m: _rename_function(m, "main", "other"),
      "function 'main' is described but not in the program"),
+    ("op-input", lambda m: _add_op(m, "relu", ["x", "alpha"]),
+     "op 'y' (relu) binds input 'alpha', which relu does not have in opset CoreML8 (it has x)"),
+    ("const-input", lambda m: _add_op(m, "const", ["x"]),
+     "op 'y' (const) binds input 'x', which const does not have in opset CoreML8 (it has val)"),
 ]
 
 
@@ -353,3 +366,38 @@ def test_cli_exit_codes(tmp_path, capsys):
     assert main(["check", str(tmp_path / "missing.mlpackage")]) == 2
     os.makedirs(tmp_path / "empty.mlpackage")
     assert main(["check", str(tmp_path / "empty.mlpackage")]) == 2
+
+
+def test_op_input_table_matches_coremltools():
+    """milsurgery/_mil_ops.py is what tests/mil_ops_table.py makes from the installed coremltools."""
+    import mil_ops_table
+
+    with open(mil_ops_table.OUT, encoding="utf-8") as f:
+        assert f.read() == mil_ops_table.render(mil_ops_table.build_table()), "regenerate: python tests/mil_ops_table.py"
+
+
+def test_control_flow_states_and_lists_pass(tmp_path):
+    """Ops whose proto form differs most from their Python one (cond, while_loop, write_state,
+    lists) as coremltools writes them: no op-input violation."""
+    import coremltools as ct
+    import numpy as np
+    from coremltools.converters.mil import Builder as mb
+    from coremltools.converters.mil.mil import types
+
+    @mb.program(input_specs=[mb.TensorSpec((1, 4), dtype=types.fp32), mb.StateTensorSpec((1, 4), dtype=types.fp16)],
+                opset_version=ct.target.iOS18)
+    def prog(x, st):
+        p = mb.greater(x=mb.squeeze(x=mb.reduce_sum(x=x, axes=[1], keep_dims=False)), y=0.0)
+        y = mb.cond(pred=p, _true_fn=lambda: mb.add(x=x, y=1.0), _false_fn=lambda: mb.sub(x=x, y=1.0))
+        _, z = mb.while_loop(_cond=lambda i, v: mb.less(x=i, y=3), _body=lambda i, v: (mb.add(x=i, y=1), mb.mul(x=v, y=2.0)),
+                             loop_vars=(mb.const(val=np.int32(0)), y))
+        mb.coreml_update_state(state=st, value=mb.cast(x=z, dtype="fp16"))
+        ls = mb.list_write(ls=mb.make_list(init_length=2, elem_shape=[1, 4], dtype="fp32"), index=0, value=z)
+        return mb.concat(values=[mb.list_read(ls=ls, index=0), z], axis=0)
+
+    path = str(tmp_path / "cf.mlpackage")
+    ct.convert(prog, convert_to="mlprogram", minimum_deployment_target=ct.target.iOS18).save(path)
+    types_seen = {op.type for op in _ours(os.path.join(path, "Data", "com.apple.CoreML", "model.mlmodel"))
+                  .mlProgram.functions[0].value.block_specializations[0].value.operations}
+    assert {"cond", "while_loop", "write_state", "make_list", "list_write"} <= types_seen
+    assert check(path).violations == []
