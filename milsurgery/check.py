@@ -32,6 +32,7 @@ Cost: reads Manifest.json and the spec; no weight bytes.
 
 from __future__ import annotations
 
+import functools
 import os
 from dataclasses import dataclass, field
 
@@ -43,7 +44,19 @@ from .errors import InvalidModelError, SpecError
 from .formats import MAIN_FUNCTION, MAX_SPEC_BYTES, SPEC_FOR_OPSET
 from .package import locate_spec
 
-__all__ = ["MODEL_LEVEL_IO", "NEWEST_SPEC_VERSION", "Violation", "CheckReport", "check", "check_model", "check_staged", "read_spec"]
+__all__ = [
+    "MODEL_LEVEL_IO",
+    "NEWEST_SPEC_VERSION",
+    "Violation",
+    "CheckReport",
+    "check",
+    "check_model",
+    "check_staged",
+    "feature_problem",
+    "mil_violations",
+    "read_spec",
+    "spec_violations",
+]
 
 #: Fields of ModelDescription that a multi-function model must leave empty.
 MODEL_LEVEL_IO = ("input", "output", "state", "predictedFeatureName", "predictedProbabilitiesName", "trainingInput")
@@ -463,7 +476,8 @@ def mil_violations(model: pb.Model) -> list[Violation]:
     return out
 
 
-def _op_inputs(op_type: str, opset: str) -> tuple[str, ...] | None:
+@functools.lru_cache(maxsize=None)
+def _op_inputs(op_type: str, opset: str) -> frozenset[str] | None:
     """The input names coremltools' definition of ``op_type`` declares in ``opset``, or None
     when it has none for them (an op or opset it does not define)."""
     changes = OP_INPUTS.get(op_type)
@@ -472,7 +486,7 @@ def _op_inputs(op_type: str, opset: str) -> tuple[str, ...] | None:
     found = None
     for first, names in changes:
         if OPSETS.index(first) <= OPSETS.index(opset):
-            found = names
+            found = frozenset(names)
     return found
 
 
@@ -482,14 +496,14 @@ def _op_input_violations(block: pb.Block, opset: str, where: str) -> list[Violat
     out = []
     for op in block.operations:
         names = _op_inputs(op.type, opset)
-        if names is not None:
+        if names is not None and not names.issuperset([e.key for e in op.inputs]):
             for e in op.inputs:
                 if e.key not in names:
                     label = f"op {op.outputs[0].name!r}" if op.outputs else "op"
                     out.append(Violation(
                         "program",
                         f"{label} ({op.type}) binds input {e.key!r}, which {op.type} does not have in "
-                        f"opset {opset} (it has {', '.join(n for n in names if not n.startswith('_')) or 'none'})",
+                        f"opset {opset} (it has {', '.join(sorted(n for n in names if not n.startswith('_'))) or 'none'})",
                         where,
                     ))
         for nested in op.blocks:
