@@ -27,7 +27,8 @@ description and program naming the same functions, and every op binding only inp
 definition declares (the table in ``_mil_ops``, taken from coremltools' op definitions for opsets
 CoreML5 to CoreML8; ops and opsets it does not define are not judged).
 
-Cost: reads Manifest.json and the spec; no weight bytes.
+Cost: reads Manifest.json and the spec, and to confirm that a package found valid opens, its blob
+records; no weight bytes.
 """
 
 from __future__ import annotations
@@ -42,7 +43,7 @@ from ._mil_ops import OP_INPUTS, OPSETS
 from ._proto import milsurgery_spec_pb2 as pb
 from .errors import InvalidModelError, SpecError
 from .formats import MAIN_FUNCTION, MAX_SPEC_BYTES, SPEC_FOR_OPSET
-from .package import locate_spec
+from .package import Package, locate_spec
 
 __all__ = [
     "MODEL_LEVEL_IO",
@@ -541,22 +542,30 @@ def read_spec(path: str) -> pb.Model:
     return model
 
 
-def check(path: str | os.PathLike) -> CheckReport:
+def check(path: str | os.PathLike, *, weights: bool = True) -> CheckReport:
     """Check a package (a ``.mlpackage`` directory) or a spec file (``model.mlmodel``).
 
     Returns a report listing every violation (empty: valid). Raises a :class:`MilSurgeryError`
-    subclass when the input cannot be read (no manifest, not a Model protobuf, not an ML program).
-    Reads Manifest.json and the spec only.
+    subclass when the input cannot be read (no manifest, not a Model protobuf, not an ML program)
+    and, for a package whose spec breaks no rule, when opening it fails (``weights``: every blob
+    record and reference is validated as :class:`milsurgery.Package` does), so a package reported
+    valid also opens. Reads Manifest.json, the spec and (with ``weights``) the 64-byte blob
+    records; no weight bytes.
     """
     path = os.path.abspath(os.fspath(path))
-    spec_path = locate_spec(path) if os.path.isdir(path) else path
+    is_package = os.path.isdir(path)
+    spec_path = locate_spec(path) if is_package else path
     model = read_spec(spec_path)
-    return CheckReport(path, spec_path, check_model(model))
+    report = CheckReport(path, spec_path, check_model(model))
+    if report.valid and is_package and weights:
+        Package(path).close()
+    return report
 
 
 def check_staged(staged: str, dest: str) -> None:
-    """Check a package staged in ``staged`` that is to become ``dest``; raise
-    :class:`InvalidModelError` naming ``dest`` and every violation if Core ML would refuse it."""
-    report = check(staged)
+    """Check the spec of a package staged in ``staged`` that is to become ``dest``; raise
+    :class:`InvalidModelError` naming ``dest`` and every violation if Core ML would refuse it.
+    Reads Manifest.json and the spec."""
+    report = check(staged, weights=False)
     if not report.valid:
         raise InvalidModelError(dest, report.violations)

@@ -64,8 +64,8 @@ def apple_validator_agrees(monkeypatch):
     module = importlib.import_module("milsurgery.check")
     original = module.check
 
-    def check_and_compare(path):
-        report = original(path)
+    def check_and_compare(path, **kwargs):
+        report = original(path, **kwargs)
         status, message = checks.coreml_validate(report.spec_path)
         apple = [v for v in report.violations if v.rule != "program"]
         assert status in (0, 1), f"Apple's validator could not read {report.spec_path}: {message}"
