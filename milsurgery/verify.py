@@ -163,6 +163,11 @@ def _sort_maps(message) -> None:
             continue
         if fd.is_repeated:
             if _is_map_entry(fd.message_type):
+                keys = [e.key for e in value]
+                if all(a < b for a, b in zip(keys, keys[1:])):  # sorted, no repeated key
+                    for v in value:
+                        _sort_maps(v)
+                    continue
                 last = {e.key: e for e in value}
                 kept = []
                 for key in sorted(last):
@@ -186,15 +191,19 @@ def _canonical(function: pb.Function, name: str) -> pb.Model:
     return holder
 
 
-def _blanked(holder: pb.Model) -> pb.Function:
-    """A copy of the one function of ``holder`` with every blob reference's file name and offset
-    cleared."""
-    copy = pb.Model()
-    copy.CopyFrom(holder)
-    for ref in iter_blob_refs(copy):
+def _blanked(function: pb.Function) -> pb.Function:
+    """A copy of ``function`` with every blob reference's file name and offset cleared."""
+    holder = pb.Model()
+    entry = holder.mlProgram.functions.add(key="f")
+    entry.value.CopyFrom(function)
+    for ref in iter_blob_refs(holder, functions=["f"]):
         ref.value.blobFileValue.fileName = ""
         ref.value.blobFileValue.offset = 0
-    return copy.mlProgram.functions[0].value
+    return entry.value
+
+
+def _serialized(function: pb.Function) -> bytes:
+    return function.SerializeToString(deterministic=True)
 
 
 def _padding_only_difference(a: BlobSource, b: BlobSource) -> int | None:
@@ -280,16 +289,22 @@ def _description_differences(a: pb.FunctionDescription, b: pb.FunctionDescriptio
 def _check(pkg: Package, name: str, pick: Pick) -> FunctionCheck:
     src = pick.source
     check = FunctionCheck(function=name, source=f"{src.path}:{pick.name}")
-    # Maps sorted by key on both sides: the same graph re-saved with its maps in another order
-    # compares equal, and the walks below pair up reference by reference.
-    mine, theirs = _canonical(pkg.function(name), name), _canonical(src.function(pick.name), pick.name)
-    refs_a: list[ResolvedRef] = [pkg.resolve(r) for r in iter_blob_refs(mine)]
-    refs_b: list[ResolvedRef] = [src.resolve(r) for r in iter_blob_refs(theirs)]
+    mine, theirs = pkg.function(name), src.function(pick.name)
+    refs_a: list[ResolvedRef] = pkg.function_refs(name)
+    refs_b: list[ResolvedRef] = src.function_refs(pick.name)
     check.differences += _description_differences(pkg.descriptions[name], src.descriptions[pick.name])
     ba, bb = _blanked(mine), _blanked(theirs)
-    if ba.SerializeToString(deterministic=True) != bb.SerializeToString(deterministic=True):
-        check.differences.append(_first_graph_difference(ba, bb))
-        return check
+    if _serialized(ba) != _serialized(bb):
+        # Maps are unordered (a package re-saved by coremltools writes them in its own order):
+        # compare again with every map sorted by key, and pair the references in that order.
+        ca, cb = _canonical(mine, name), _canonical(theirs, pick.name)
+        ba, bb = _blanked(ca.mlProgram.functions[0].value), _blanked(cb.mlProgram.functions[0].value)
+        if _serialized(ba) != _serialized(bb):
+            check.differences.append(_first_graph_difference(ba, bb))
+            return check
+        refs_a = [pkg.resolve(r) for r in iter_blob_refs(ca)]
+        refs_b = [src.resolve(r) for r in iter_blob_refs(cb)]
+    # Same graph shape => the walks pair up reference by reference.
     seen: dict[tuple, bool] = {}
     for ra, rb in zip(refs_a, refs_b):
         a, b = BlobSource(ra.file, ra.blob), BlobSource(rb.file, rb.blob)
