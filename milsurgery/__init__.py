@@ -30,7 +30,34 @@ from .verify import VerificationFailed, VerifyReport, verify
 
 __version__ = "0.1.0"
 
+# Near-duplicate adoption and constexpr evaluation need numpy: imported on first use, so the
+# exact commands start without it.
+_LAZY = {
+    "AdoptReport": "adopt",
+    "Thresholds": "thresholds",
+    "Weight": "dequant",
+    "compare_weights": "adopt",
+    "dequantize": "dequant",
+    "find_weights": "dequant",
+    "iter_values": "dequant",
+}
+
+
+def __getattr__(name: str):
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module 'milsurgery' has no attribute {name!r}")
+    import importlib
+
+    return getattr(importlib.import_module(f".{module}", __name__), name)
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_LAZY))
+
+
 __all__ = [
+    "AdoptReport",
     "Blob",
     "BlobFile",
     "BlobFileError",
@@ -45,16 +72,22 @@ __all__ = [
     "PackageError",
     "Pick",
     "SpecError",
+    "Thresholds",
     "UnsafePathError",
     "UsageError",
     "VerificationFailed",
     "VerifyReport",
+    "Weight",
     "WriteError",
     "WriteReport",
     "append",
     "check",
+    "compare_weights",
+    "dequantize",
     "extract",
+    "find_weights",
     "inspect_package",
+    "iter_values",
     "memory_model",
     "merge",
     "open_package",

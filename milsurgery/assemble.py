@@ -69,6 +69,7 @@ class WriteReport:
     bytes_written: int = 0  # size of the output weight.bin
     seconds: float = 0.0
     warnings: list[str] = field(default_factory=list)
+    adoption: dict | None = None  # near-duplicate adoption's report (AdoptReport.to_dict), if asked
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -263,16 +264,21 @@ def write_package(
     sync: bool = True,
     progress: Progress | None = None,
     check: Callable[[str], None] | None = None,
+    adjust: Callable[[pb.Model, list[tuple[BlobRef, ResolvedRef]]], list[tuple[BlobRef, ResolvedRef]]] | None = None,
 ) -> WriteReport:
     """Write a new package holding ``picks`` to ``dest`` atomically; see the module docstring.
 
     The staged package must pass :func:`milsurgery.check.check_staged` (Core ML's spec rules)
     before it is moved into place. ``sync=False`` skips flushing the output to disk (see :class:`StagedPackage`). ``check`` is
     called with the staged package's directory before it is moved into place; an exception from
-    it leaves ``dest`` as it was (see :meth:`StagedPackage.commit`)."""
+    it leaves ``dest`` as it was (see :meth:`StagedPackage.commit`). ``adjust(model, pairs)``,
+    called once the output spec is built, may return the pairs with some references paired with
+    other source blobs (and edit the model's metadata): near-duplicate adoption uses it."""
     start = time.perf_counter()
     warnings: list[str] = []
     model, pairs = build_model(picks, default=default, single=single, spec_version=spec_version, warnings=warnings)
+    if adjust is not None:
+        pairs = adjust(model, pairs)
     report = WriteReport(
         output=os.path.abspath(os.fspath(dest)),
         functions=[MAIN_FUNCTION] if single else [p.new_name for p in picks],

@@ -68,6 +68,23 @@ def _print_report(report, quiet: bool, as_json: bool) -> None:
         f"({report.blobs_coalesced} coalesced, {report.bytes_coalesced} bytes saved); "
         f"read {report.bytes_read} bytes in {report.seconds:.2f} s"
     )
+    if getattr(report, "adoption", None) is not None:
+        from .adopt import render_report
+
+        print(render_report(report.adoption))
+
+
+def _adopt_kwargs(args) -> dict:
+    return dict(adopt=args.adopt, anchor=args.anchor, min_cosine=args.min_cosine, max_mean_abs=args.max_mean_abs,
+                max_abs=args.max_abs, dry_run=args.dry_run)
+
+
+def _print_dry_run(report, as_json: bool) -> int:
+    if as_json:
+        _print_json(report.to_dict())
+    else:
+        print(report.render_text())
+    return 0
 
 
 def cmd_inspect(args) -> int:
@@ -93,9 +110,11 @@ def cmd_merge(args) -> int:
 
     bar = ProgressBar(not args.quiet)
     try:
-        report = merge(args.sources, args.output, default=args.default, force=args.force, sync=not args.no_sync, verify=args.verify, progress=bar)
+        report = merge(args.sources, args.output, default=args.default, force=args.force, sync=not args.no_sync, verify=args.verify, progress=bar, **_adopt_kwargs(args))
     finally:
         bar.finish()
+    if args.dry_run:
+        return _print_dry_run(report, args.json)
     _print_report(report, args.quiet, args.json)
     return 0
 
@@ -113,9 +132,11 @@ def _run_writer(args, call) -> int:
 def cmd_shrink(args) -> int:
     from .surgery import shrink
 
+    if args.dry_run:
+        return _print_dry_run(shrink(args.package, **_adopt_kwargs(args)), args.json)
     if args.output is None and not args.in_place:
         raise UsageError("shrink needs -o OUT or --in-place")
-    return _run_writer(args, lambda bar: shrink(args.package, args.output, in_place=args.in_place, force=args.force, sync=not args.no_sync, progress=bar))
+    return _run_writer(args, lambda bar: shrink(args.package, args.output, in_place=args.in_place, force=args.force, sync=not args.no_sync, progress=bar, **_adopt_kwargs(args)))
 
 
 def cmd_extract(args) -> int:
@@ -156,7 +177,8 @@ def cmd_append(args) -> int:
 def cmd_verify(args) -> int:
     from .verify import verify
 
-    report = verify(args.package, args.against, default=args.default)
+    report = verify(args.package, args.against, tolerance=args.tolerance, min_cosine=args.min_cosine,
+                    max_mean_abs=args.max_mean_abs, max_abs=args.max_abs, default=args.default)
     if args.json:
         _print_json(report.to_dict())
     else:
@@ -169,6 +191,10 @@ def cmd_verify(args) -> int:
                 print(f"  {d}")
             for n in c.notes:
                 print(f"  note: {n}")
+            for t in c.tolerated:
+                m = t["metrics"]
+                print(f"  within tolerance: op {t['op']!r} ({t['kind']}): cosine {m['cosine']:.9f}, mean |delta| "
+                      f"{m['mean_abs']:.3g}, max |delta| {m['max_abs']:.3g}, relative RMS {m['rel_rms']:.3g}")
         for a in report.attributes:
             if a.equivalent:
                 print(f"program attribute {a.key!r}: equivalent to {a.matched}'s ({a.blobs_compared} blobs, {a.bytes_compared} bytes compared)")
@@ -207,6 +233,19 @@ def _add_output_options(p, *, output=True) -> None:
     p.add_argument("--json", action="store_true", help="print the report as JSON")
 
 
+def _add_threshold_options(p) -> None:
+    p.add_argument("--min-cosine", type=float, metavar="C", help="near-duplicates need cosine >= C (default 0.9999)")
+    p.add_argument("--max-mean-abs", type=float, metavar="D", help="near-duplicates need mean |delta| <= D (default 1e-3)")
+    p.add_argument("--max-abs", type=float, metavar="D", help="near-duplicates need max |delta| <= D (default: no limit)")
+
+
+def _add_adopt_options(p) -> None:
+    p.add_argument("--adopt", action="store_true", help="write near-duplicate weights of later functions as references to the anchor function's weights")
+    p.add_argument("--anchor", metavar="FUNC", help="with --adopt: the function others adopt from (default: the first)")
+    _add_threshold_options(p)
+    p.add_argument("--dry-run", action="store_true", help="with --adopt: write nothing, print what would be adopted")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="milsurgery",
@@ -229,6 +268,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--default", metavar="NAME", help="default function (otherwise the first)")
     p.add_argument("--verify", action="store_true", help="check the written package against its sources before moving it into place (on a difference: exit 1, nothing replaced)")
     _add_output_options(p)
+    _add_adopt_options(p)
     p.set_defaults(func=cmd_merge)
 
     p = sub.add_parser("shrink", help="coalesce identical blobs and drop unreferenced ones")
@@ -238,6 +278,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--force", action="store_true", help="replace OUT if it exists")
     p.add_argument("--no-sync", action="store_true", help=_NO_SYNC_HELP + " (not with --in-place)")
     _add_output_options(p, output=False)
+    _add_adopt_options(p)
     p.set_defaults(func=cmd_shrink)
 
     p = sub.add_parser("extract", help="a package with only some functions and the blobs they use")
@@ -272,6 +313,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--against", nargs="+", required=True, metavar="SRC[:FUNC[=NEW]]")
     p.add_argument("--default", metavar="NAME", help="the default function PKG must have (otherwise: the first source function, or a source's default)")
     p.add_argument("--json", action="store_true", help="print the report as JSON")
+    p.add_argument("--tolerance", action="store_true", help="a weight whose blobs differ passes when its dequantized values meet the thresholds")
+    _add_threshold_options(p)
     p.set_defaults(func=cmd_verify)
 
     p = sub.add_parser("check", help="apply Core ML's spec rules to PKG offline (exit 1 listing each violation)")

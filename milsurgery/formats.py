@@ -107,3 +107,8 @@ WEIGHTS_DESCRIPTION = "CoreML Model Weights"
 MAX_SPEC_BYTES = 1 << 30
 #: Largest Manifest.json milsurgery parses.
 MAX_MANIFEST_BYTES = 1 << 20
+
+# --- Provenance -------------------------------------------------------------------------------
+#: ``userDefined`` metadata key recording near-duplicate adoption (JSON: count, bytes, anchor,
+#: thresholds); its presence means the package is not a byte-faithful merge of its sources.
+ADOPTED_METADATA_KEY = "milsurgery.adopted"

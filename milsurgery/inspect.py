@@ -189,7 +189,24 @@ def _inspect(pkg: Package, find_duplicates: bool) -> dict:
             "license": meta.license,
             "userDefined": {e.key: e.value for e in meta.userDefined},
         },
+        "adopted": _adopted(meta),
     }
+
+
+def _adopted(meta) -> dict | None:
+    """The near-duplicate adoption recorded in the metadata (``milsurgery.adopted``), or None."""
+    import json
+
+    from .formats import ADOPTED_METADATA_KEY as METADATA_KEY
+
+    for e in meta.userDefined:
+        if e.key == METADATA_KEY:
+            try:
+                found = json.loads(e.value)
+            except ValueError:
+                return {"unreadable": e.value}
+            return found if isinstance(found, dict) else {"unreadable": e.value}
+    return None
 
 
 def _size(n: int) -> str:
@@ -235,6 +252,17 @@ def render_text(info: dict) -> str:
             f"{_size(info['duplicate_bytes'])} recoverable"
         )
     lines.append(f"  unreferenced blobs: {len(info['unreferenced'])}, {_size(info['unreferenced_bytes'])}")
+    adopted = info.get("adopted")
+    if adopted is not None:
+        if "unreadable" in adopted:
+            lines.append(f"  NOT byte-faithful: near-duplicate weights were adopted ({adopted['unreadable']})")
+        else:
+            lines.append(
+                f"  NOT byte-faithful: {adopted.get('count')} near-duplicate weights adopted from function "
+                f"{adopted.get('anchor')!r} ({_size(int(adopted.get('bytes') or 0))} saved; min cosine "
+                f"{adopted.get('min_cosine')}, max mean |delta| {adopted.get('max_mean_abs')}, max |delta| "
+                f"{adopted.get('max_abs')})"
+            )
     meta = info["metadata"]
     for key in ("author", "license", "versionString", "shortDescription"):
         if meta[key]:

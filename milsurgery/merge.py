@@ -74,7 +74,13 @@ def merge(
     sync: bool = True,
     verify: bool = False,
     progress: Progress | None = None,
-) -> WriteReport:
+    adopt: bool = False,
+    anchor: str | None = None,
+    min_cosine: float | None = None,
+    max_mean_abs: float | None = None,
+    max_abs: float | None = None,
+    dry_run: bool = False,
+):
     """Merge functions of ``sources`` (``PATH[:FUNC[=NEW]]`` each) into the package ``out``.
 
     Every blob referenced by a chosen function is written once per distinct content (dtype and
@@ -85,18 +91,40 @@ def merge(
     and a package that ``force`` would have replaced is left as it was. ``sync=False`` skips
     flushing the output to disk: it still appears whole to other programs, but a power loss or
     system crash soon after may leave it incomplete.
+
+    With ``adopt``, each weight of a function that is a near-duplicate of a weight of the anchor
+    function (the first, or ``anchor``) is written as references to the anchor weight's blobs
+    (see :mod:`milsurgery.adopt`): it holds when cosine >= ``min_cosine`` (default 0.9999), mean
+    |delta| <= ``max_mean_abs`` (default 1e-3) and, if given, max |delta| <= ``max_abs``. The
+    report's ``adoption`` lists what was adopted and rejected; ``verify`` then checks adopted
+    weights against those thresholds. ``dry_run`` writes nothing and returns the
+    :class:`milsurgery.adopt.AdoptReport`.
     """
+    from .thresholds import adoption_options
+
+    thresholds = adoption_options(adopt, anchor, min_cosine, max_mean_abs, max_abs, dry_run)
     opened: dict[str, Package] = {}
     try:
         picks = resolve_sources(sources, opened)
+        plan = None
+        if thresholds is not None:
+            from .adopt import plan_for_picks
+
+            plan = plan_for_picks(picks, thresholds, anchor, dry_run)
+            if dry_run:
+                return plan.report
         check = None
         if verify:
             from .verify import verify_staged
 
             dest = os.path.abspath(os.fspath(out))
             expected_default = default if default is not None else (picks[0].new_name if picks else None)
-            check = lambda staged: verify_staged(staged, dest, picks, expected_default)  # noqa: E731
-        return write_package(out, picks, default=default, force=force, sync=sync, progress=progress, check=check)
+            check = lambda staged: verify_staged(staged, dest, picks, tolerance=thresholds, default=expected_default)  # noqa: E731
+        report = write_package(out, picks, default=default, force=force, sync=sync, progress=progress, check=check,
+                               adjust=plan.apply if plan else None)
+        if plan is not None:
+            report.adoption = plan.report.to_dict()
+        return report
     finally:
         for pkg in opened.values():
             pkg.close()

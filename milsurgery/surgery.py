@@ -37,12 +37,13 @@ def _is_single(pkg: Package) -> bool:
     return not pkg.model.description.functions
 
 
-def _write_same_shape(pkg: Package, picks: list[Pick], out, default, force, progress, sync=True) -> WriteReport:
+def _write_same_shape(pkg: Package, picks: list[Pick], out, default, force, progress, sync=True, adjust=None) -> WriteReport:
     """Write ``picks`` keeping the source's form: single-function stays single, same version."""
     single = _is_single(pkg) and len(picks) == 1 and picks[0].new_name == MAIN_FUNCTION
     version = pkg.model.specificationVersion if single else max(pkg.model.specificationVersion, MULTIFUNCTION_SPEC_VERSION)
     return write_package(
-        out, picks, default=default, single=single, spec_version=version, force=force, sync=sync, progress=progress
+        out, picks, default=default, single=single, spec_version=version, force=force, sync=sync, progress=progress,
+        adjust=adjust,
     )
 
 
@@ -54,26 +55,49 @@ def shrink(
     force: bool = False,
     sync: bool = True,
     progress: Progress | None = None,
-) -> WriteReport:
+    adopt: bool = False,
+    anchor: str | None = None,
+    min_cosine: float | None = None,
+    max_mean_abs: float | None = None,
+    max_abs: float | None = None,
+    dry_run: bool = False,
+):
     """Coalesce identical blobs and drop unreferenced ones; write ``out`` or replace ``package``.
 
     The spec is otherwise unchanged (same functions, names, spec version). The report's
     ``bytes_written`` against the source weight.bin size gives the bytes recovered. ``sync=False``
-    (new output only) skips flushing the output to disk.
+    (new output only) skips flushing the output to disk. ``adopt`` and the thresholds work as in
+    :func:`milsurgery.merge.merge`, between the package's functions (``dry_run`` returns the
+    :class:`milsurgery.adopt.AdoptReport` and writes nothing).
     """
+    from .thresholds import adoption_options
+
+    thresholds = adoption_options(adopt, anchor, min_cosine, max_mean_abs, max_abs, dry_run)
+    if thresholds is not None:
+        from .adopt import plan_for_picks
+    if dry_run:
+        with Package(package) as pkg:
+            return plan_for_picks([Pick(pkg, f, f) for f in pkg.functions], thresholds, anchor, True).report
     if (out is None) == (not in_place):
         raise UsageError("shrink needs exactly one of an output path (-o) or --in-place")
     if in_place and not sync:
         raise UsageError("--no-sync applies to a new output, not to --in-place: an in-place edit is always flushed")
     with Package(package) as pkg:
         picks = [Pick(pkg, f, f) for f in pkg.functions]
+        plan = plan_for_picks(picks, thresholds, anchor) if thresholds is not None else None
+        adjust = plan.apply if plan is not None else None
         if not in_place:
-            return _write_same_shape(pkg, picks, out, pkg.default_function, force, progress, sync)
+            report = _write_same_shape(pkg, picks, out, pkg.default_function, force, progress, sync, adjust)
+            if plan is not None:
+                report.adoption = plan.report.to_dict()
+            return report
         parent, name = os.path.split(pkg.path)
         staged = os.path.join(parent, f".{name}{PARTIAL_MARKER}{os.getpid()}-inplace")
         shutil.rmtree(staged, ignore_errors=True)
         try:
-            report = _write_same_shape(pkg, picks, staged, pkg.default_function, False, progress)
+            report = _write_same_shape(pkg, picks, staged, pkg.default_function, False, progress, adjust=adjust)
+            if plan is not None:
+                report.adoption = plan.report.to_dict()
             exchange_paths(staged, pkg.path)  # the one step that switches old for new
         finally:
             shutil.rmtree(staged, ignore_errors=True)

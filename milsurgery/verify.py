@@ -59,6 +59,9 @@ class FunctionCheck:
     blobs_compared: int = 0
     bytes_compared: int = 0
     notes: list[str] = field(default_factory=list)  # equal values, said in words (padding bits)
+    #: weights whose blobs differ but whose values meet the tolerance (``verify(tolerance=...)``):
+    #: op, kind and metrics against the source's weight
+    tolerated: list[dict] = field(default_factory=list)
 
     @property
     def equivalent(self) -> bool:
@@ -133,6 +136,7 @@ class VerifyReport:
                     "blobs_compared": c.blobs_compared,
                     "bytes_compared": c.bytes_compared,
                     "notes": c.notes,
+                    "tolerated": c.tolerated,
                 }
                 for c in self.checks
             ],
@@ -286,7 +290,7 @@ def _description_differences(a: pb.FunctionDescription, b: pb.FunctionDescriptio
     return out
 
 
-def _check(pkg: Package, name: str, pick: Pick) -> FunctionCheck:
+def _check(pkg: Package, name: str, pick: Pick, tolerance=None) -> FunctionCheck:
     src = pick.source
     check = FunctionCheck(function=name, source=f"{src.path}:{pick.name}")
     mine, theirs = pkg.function(name), src.function(pick.name)
@@ -306,6 +310,7 @@ def _check(pkg: Package, name: str, pick: Pick) -> FunctionCheck:
         refs_b = [src.resolve(r) for r in iter_blob_refs(cb)]
     # Same graph shape => the walks pair up reference by reference.
     seen: dict[tuple, bool] = {}
+    differing: list[tuple[ResolvedRef, ResolvedRef]] = []
     for ra, rb in zip(refs_a, refs_b):
         a, b = BlobSource(ra.file, ra.blob), BlobSource(rb.file, rb.blob)
         key = (a.key, b.key)
@@ -321,12 +326,19 @@ def _check(pkg: Package, name: str, pick: Pick) -> FunctionCheck:
                     f"from the source's only in {bits} padding bit(s) past its last element; the values are equal"
                 )
         if not seen[key]:
-            r = ra.ref
-            check.differences.append(
-                f"{r.describe()}: blob at offset {ra.blob.record_offset} of {ra.file.path} "
-                f"({ra.blob.dtype.name}, {ra.blob.size} bytes) differs from the source's blob at "
-                f"offset {rb.blob.record_offset} of {rb.file.path} ({rb.blob.dtype.name}, {rb.blob.size} bytes)"
-            )
+            differing.append((ra, rb))
+    if differing:
+        from .adopt import weight_differences
+
+        # Weights whose blobs differ are judged by their values (tolerated ones drop out).
+        differing = weight_differences(pkg, name, src, pick.name, differing, tolerance, check)
+    for ra, rb, note in differing:
+        r = ra.ref
+        check.differences.append(
+            f"{r.describe()}: blob at offset {ra.blob.record_offset} of {ra.file.path} "
+            f"({ra.blob.dtype.name}, {ra.blob.size} bytes) differs from the source's blob at "
+            f"offset {rb.blob.record_offset} of {rb.file.path} ({rb.blob.dtype.name}, {rb.blob.size} bytes){note}"
+        )
     return check
 
 
@@ -429,7 +441,7 @@ def _package_differences(pkg: Package, picks: Sequence[Pick], default: str | Non
     return out
 
 
-def verify_picks(pkg: Package, picks: Sequence[Pick], *, default: str | None = None) -> VerifyReport:
+def verify_picks(pkg: Package, picks: Sequence[Pick], tolerance=None, *, default: str | None = None) -> VerifyReport:
     """Check each pick's ``new_name`` function of ``pkg`` against its source function, the
     program attributes of ``pkg`` holding blob references against the picks' sources', and what
     lies outside the functions (:func:`_package_differences`; ``default`` is the expected default
@@ -438,13 +450,20 @@ def verify_picks(pkg: Package, picks: Sequence[Pick], *, default: str | None = N
     for pick in picks:
         if pick.new_name not in pkg.functions:
             raise UsageError(f"{pkg.path}: no function {pick.new_name!r} to verify (it has {pkg.functions})")
-        checks.append(_check(pkg, pick.new_name, pick))
+        checks.append(_check(pkg, pick.new_name, pick, tolerance))
     sources = distinct_sources(list(picks))
     return VerifyReport(pkg.path, checks, _check_attributes(pkg, sources), _package_differences(pkg, picks, default))
 
 
 def verify(
-    package: str | os.PathLike, against: Sequence[str | os.PathLike | SourceSpec], *, default: str | None = None
+    package: str | os.PathLike,
+    against: Sequence[str | os.PathLike | SourceSpec],
+    *,
+    tolerance: bool = False,
+    min_cosine: float | None = None,
+    max_mean_abs: float | None = None,
+    max_abs: float | None = None,
+    default: str | None = None,
 ) -> VerifyReport:
     """Verify functions of ``package`` against sources given as ``SRC[:FUNC[=NEW]]``.
 
@@ -452,18 +471,28 @@ def verify(
     package's function NEW against SRC's FUNC. When the sources cover every function, the
     default function must be ``default`` (if given; see :func:`_expected_defaults` otherwise).
     Raises :class:`MilSurgeryError` on bad input.
+
+    A weight whose blobs differ from the source's (an adopted near-duplicate) is a difference
+    whose message gives its metrics; with ``tolerance`` it passes when its dequantized values
+    meet the thresholds (defaults as for ``merge(adopt=True)``) and is listed in the check's
+    ``tolerated`` with its metrics.
     """
+    from .thresholds import adoption_options
+
+    thresholds = adoption_options(tolerance, None, min_cosine, max_mean_abs, max_abs, False)
     opened: dict[str, Package] = {}
     try:
         with Package(package) as pkg:
             picks = resolve_sources(against, opened)
-            return verify_picks(pkg, picks, default=default)
+            return verify_picks(pkg, picks, thresholds, default=default)
     finally:
         for p in opened.values():
             p.close()
 
 
-def verify_staged(staged: str, dest: str, picks: Sequence[Pick], default: str | None = None) -> VerifyReport:
+def verify_staged(
+    staged: str, dest: str, picks: Sequence[Pick], tolerance=None, default: str | None = None
+) -> VerifyReport:
     """Verify a package written to the staging directory ``staged`` that is to become ``dest``.
 
     Raises :class:`VerificationFailed` if it differs from its sources, or the error that opening
@@ -475,7 +504,7 @@ def verify_staged(staged: str, dest: str, picks: Sequence[Pick], default: str | 
 
     try:
         with Package(staged) as pkg:
-            report = verify_picks(pkg, picks, default=default)
+            report = verify_picks(pkg, picks, tolerance, default=default)
     except MilSurgeryError as exc:  # same class, so callers catch what they would have
         if isinstance(exc, FormatError):
             exc.path = renamed(exc.path)

@@ -83,6 +83,8 @@ COMMANDS = {
     "merge-verify": lambda bad, good, out: ["merge", "--verify", "-o", out, f"{good}:a=g", bad],
     "shrink": lambda bad, good, out: ["shrink", bad, "-o", out],
     "shrink-in-place": lambda bad, good, out: ["shrink", bad, "--in-place"],
+    "merge-adopt": lambda bad, good, out: ["merge", "--adopt", "--quiet", "-o", out, f"{good}:a=g", f"{bad}:a"],
+    "shrink-adopt-dry-run": lambda bad, good, out: ["shrink", bad, "--adopt", "--dry-run"],
     "extract": lambda bad, good, out: ["extract", bad, "a", "-o", out],
     "extract-single": lambda bad, good, out: ["extract", bad, "b", "--single", "-o", out],
     "remove": lambda bad, good, out: ["remove", bad, "b", "-o", out],

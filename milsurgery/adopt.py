@@ -1,0 +1,537 @@
+"""Near-duplicate adoption: a weight of one function is written as references to the blobs of an
+almost identical weight of the anchor function.
+
+:func:`plan_adoption` takes the functions a command is about to write and:
+
+1. lists every function's weights (:func:`milsurgery.dequant.find_weights`, spec only), checks
+   that each one's ops are consistent, and gives each a structural key: the producing ops'
+   types, their non-blob inputs and attributes, their output types and each blob's dtype and
+   shape, with names left out. Only weights with equal keys can pair, so adoption never changes
+   anything in a graph but blob references;
+2. sets aside weights byte-identical to an anchor weight of the same key (blob samples, then the
+   bytes decide): exact coalescing shares them without any value being computed;
+3. takes a cheap sketch of each remaining weight (256 materialized values from 16 rows spread
+   along axis 0) and ranks the anchor's weights of the same key by sketch distance (names with
+   a trailing ``_N`` stripped break ties; they never decide);
+4. computes, for the nearest candidate (and a runner-up whose sketch is about as close), the
+   full metrics over the whole materialized tensors in bounded windows with float64
+   accumulation (:func:`compare_weights`); the best candidate meeting every threshold is
+   adopted, otherwise the weight is reported as rejected with the threshold that failed;
+5. returns the mapping of references (output function, op, location) -> the anchor's blob, which
+   :func:`milsurgery.assemble.write_package` applies before coalescing (the writer is unchanged:
+   the re-pointed references coalesce with the anchor's), and records the adoption in the
+   output's metadata (``userDefined["milsurgery.adopted"]``).
+
+I/O: the spec, 64-byte records and a few KiB of samples per blob for every weight; rows for the
+sketches; each candidate pair's blobs once for the byte comparison and once for the metrics.
+Memory is bounded by the windows (about 1 Mi elements), not by tensor or model size.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import re
+import time
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+
+import numpy as np
+
+from ._proto import milsurgery_spec_pb2 as pb
+from .coalesce import BlobSource, blobs_equal, sample_digest
+from .dequant import (
+    WINDOW_ELEMENTS,
+    Weight,
+    check_weight,
+    find_weights,
+    group_offsets,
+    iter_values,
+    lut_parts,
+    sample_values,
+    store_type,
+)
+from .errors import UsageError
+from .formats import ADOPTED_METADATA_KEY
+from .package import ResolvedRef
+from .spec import BlobRef, blanked_value
+from .thresholds import Thresholds, adoption_options  # noqa: F401 (re-exported)
+
+__all__ = [
+    "Thresholds",
+    "Metrics",
+    "Adoption",
+    "Rejection",
+    "AdoptReport",
+    "AdoptPlan",
+    "METADATA_KEY",
+    "compare_weights",
+    "render_report",
+    "structure_key",
+    "plan_adoption",
+]
+
+#: The ``userDefined`` metadata key recording what adoption did to a package.
+METADATA_KEY = ADOPTED_METADATA_KEY
+#: Candidates (best sketch first) whose full metrics are computed for one target weight.
+CANDIDATES = 2
+#: Values in a weight's sketch.
+SKETCH_VALUES = 256
+#: Sketch distances (relative L2) this close to the nearest candidate's count as a tie.
+SKETCH_SLACK = 1e-3
+
+
+@dataclass
+class Metrics:
+    """How far a target weight's values are from an anchor's (delta = anchor - target)."""
+
+    cosine: float
+    mean_abs: float
+    max_abs: float
+    rel_rms: float  # sqrt(sum delta^2 / sum target^2)
+    elements: int
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    def text(self) -> str:
+        return (f"cosine {self.cosine:.9f}, mean |delta| {self.mean_abs:.3g}, max |delta| {self.max_abs:.3g}, "
+                f"relative RMS {self.rel_rms:.3g}")
+
+
+class _Sums:
+    """Float64 accumulators of the metrics (delta = anchor - target)."""
+
+    def __init__(self):
+        self.dot = self.na = self.nt = self.sq = self.sabs = self.mx = 0.0
+        self.n = 0
+
+    def add_values(self, a: np.ndarray, t: np.ndarray) -> None:
+        d = a - t
+        self.dot += float(a @ t)
+        self.na += float(a @ a)
+        self.nt += float(t @ t)
+        self.sq += float(d @ d)
+        np.abs(d, out=d)
+        self.sabs += float(d.sum())
+        if d.size:
+            self.mx = max(self.mx, float(d.max()))
+        self.n += a.size
+
+    def add_counts(self, counts: np.ndarray, la: np.ndarray, lt: np.ndarray) -> None:
+        """``counts[g, i, j]`` elements have anchor value ``la[g, i]`` and target ``lt[g, j]``."""
+        c = counts.astype(np.float64)
+        a, t = la[:, :, None], lt[:, None, :]
+        d = a - t
+        self.dot += float((c * (a * t)).sum())
+        self.na += float((c.sum(axis=2) * la * la).sum())
+        self.nt += float((c.sum(axis=1) * lt * lt).sum())
+        self.sq += float((c * d * d).sum())
+        ad = np.abs(np.broadcast_to(d, c.shape))
+        self.sabs += float((c * ad).sum())
+        used = ad[counts > 0]
+        if used.size:
+            self.mx = max(self.mx, float(used.max()))
+        self.n += int(counts.sum())
+
+    def metrics(self) -> Metrics:
+        if self.na == 0.0 and self.nt == 0.0:
+            cosine = 1.0
+        elif self.na == 0.0 or self.nt == 0.0:
+            cosine = 0.0
+        else:
+            cosine = self.dot / math.sqrt(self.na * self.nt)
+        rel = math.sqrt(self.sq / self.nt) if self.nt > 0 else (0.0 if self.sq == 0 else math.inf)
+        mx = math.nan if math.isnan(self.sabs) else self.mx
+        return Metrics(cosine, self.sabs / self.n if self.n else 0.0, mx, rel, self.n)
+
+
+#: Largest (groups x palette x palette) histogram per window for the LUT path.
+_MAX_BINS = 1 << 22
+
+
+def _compare_luts(anchor: Weight, target: Weight) -> Metrics | None:
+    """Metrics of two LUT weights of the same structure from a joint histogram of (group, anchor
+    index, target index): values are looked up once per palette entry, not per element."""
+    pa, pt = lut_parts(anchor), lut_parts(target)
+    if pa is None or pt is None or pa[2] != pt[2] or pa[3] != pt[3]:
+        return None
+    rows_a, lut_a, blocks, palette = pa
+    rows_t, lut_t = pt[0], pt[1]
+    store = store_type(anchor) or np.float64
+    shape = anchor.shape
+    n_row = math.prod(shape[1:])
+    step = max(blocks[0], WINDOW_ELEMENTS // max(1, n_row) // blocks[0] * blocks[0])
+    sums = _Sums()
+    for r0 in range(0, shape[0], step):
+        r1 = min(shape[0], r0 + step)
+        g0, g1 = r0 // blocks[0], (r1 - 1) // blocks[0] + 1
+        la = lut_a(g0, g1)
+        groups = la.shape[:-2]
+        n_groups = math.prod(groups)
+        if n_groups * palette * palette > _MAX_BINS:
+            return None
+        ia, it = rows_a(r0, r1), rows_t(r0, r1)
+        # key = (group * palette + anchor index) * palette + target index, in int32 and in place
+        # (n_groups * palette^2 <= _MAX_BINS fits easily).
+        key = ia.astype(np.int32)
+        key *= palette
+        key += it
+        offsets = group_offsets(r0, ia.shape, blocks, g0, groups)
+        if offsets.size > 1 or offsets.reshape(-1)[0]:
+            key += (offsets * (palette * palette)).astype(np.int32)
+        counts = np.bincount(key.reshape(-1), minlength=n_groups * palette * palette).reshape(n_groups, palette, palette)
+        as64 = lambda lut: lut.reshape(n_groups, palette).astype(store).astype(np.float64)  # noqa: E731
+        sums.add_counts(counts, as64(la), as64(lut_t(g0, g1)))
+    return sums.metrics()
+
+
+def compare_weights(anchor: Weight, target: Weight) -> Metrics:
+    """Metrics over the whole materialized tensors, window by window (float64 accumulation;
+    memory bounded by the window). Both weights must have the same shape.
+
+    Two LUT weights of the same structure are compared through a joint histogram of their
+    indices per group (exact: every element is counted with its two values); any other pair by
+    materializing both in windows (:func:`milsurgery.dequant.iter_values`)."""
+    if anchor.shape != target.shape:
+        raise UsageError(f"{anchor.describe()} and {target.describe()} have different shapes")
+    fast = _compare_luts(anchor, target) if anchor.shape else None
+    if fast is not None:
+        return fast
+    sums = _Sums()
+    for a, t in zip(iter_values(anchor), iter_values(target)):
+        sums.add_values(a, t)
+    return sums.metrics()
+
+
+def _ref_slots(w: Weight) -> dict[tuple[int, str], ResolvedRef]:
+    """(index of the op in ``w.ops``, location in the op) -> blob reference."""
+    index = {id(op): i for i, op in enumerate(w.ops)}
+    by_name = {op.outputs[0].name: id(op) for op in w.ops if op.outputs}
+    return {(index[by_name[r.ref.op_name]], r.ref.location): r for r in w.refs}
+
+
+def structure_key(w: Weight) -> bytes:
+    """What must be equal for two weights to pair: op types, non-blob inputs and attributes,
+    output types, and each blob's dtype and shape (blob locations and all names left out)."""
+    h = hashlib.sha256()
+    position = {op.outputs[0].name: i for i, op in enumerate(w.ops) if op.outputs}
+    for op in w.ops:
+        h.update(b"op:" + op.type.encode() + b"\0")
+        for e in sorted(op.inputs, key=lambda e: e.key):
+            h.update(b"in:" + e.key.encode() + b"\0")
+            for b in e.value.arguments:
+                if b.WhichOneof("binding") == "name":
+                    h.update(f"ref:{position.get(b.name, b.name)}\0".encode())
+                else:
+                    h.update(blanked_value(b.value))
+        for e in sorted(op.attributes, key=lambda e: e.key):
+            if e.key != "name":
+                h.update(b"attr:" + e.key.encode() + b"\0" + blanked_value(e.value))
+        for out in op.outputs:
+            h.update(b"out:" + out.type.SerializeToString(deterministic=True))
+    h.update(repr(sorted(_ref_slots(w))).encode())
+    return h.digest()
+
+
+def _base_name(name: str) -> str:
+    return re.sub(r"_\d+$", "", name)
+
+
+@dataclass
+class Adoption:
+    function: str
+    op: str
+    kind: str
+    anchor_function: str
+    anchor_op: str
+    metrics: Metrics
+    bytes_saved: int
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["metrics"] = self.metrics.to_dict()
+        return d
+
+
+@dataclass
+class Rejection:
+    function: str
+    op: str
+    kind: str
+    anchor_function: str
+    anchor_op: str
+    failed: str
+    metrics: Metrics
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["metrics"] = self.metrics.to_dict()
+        return d
+
+
+@dataclass
+class AdoptReport:
+    """What adoption found: every adopted weight, every rejected candidate, totals."""
+
+    anchor: str
+    thresholds: Thresholds
+    adopted: list[Adoption] = field(default_factory=list)
+    rejected: list[Rejection] = field(default_factory=list)
+    weights: int = 0  # weights of the non-anchor functions
+    identical: int = 0  # weights byte-identical to an anchor weight (left to exact coalescing)
+    unpaired: int = 0  # weights with no anchor weight of the same structure
+    seconds: float = 0.0
+    dry_run: bool = False
+
+    @property
+    def bytes_saved(self) -> int:
+        return sum(a.bytes_saved for a in self.adopted)
+
+    def to_dict(self) -> dict:
+        return {
+            "anchor": self.anchor,
+            "thresholds": self.thresholds.to_dict(),
+            "dry_run": self.dry_run,
+            "adopted": [a.to_dict() for a in self.adopted],
+            "rejected": [r.to_dict() for r in self.rejected],
+            "totals": {
+                "weights": self.weights,
+                "adopted": len(self.adopted),
+                "rejected": len(self.rejected),
+                "identical": self.identical,
+                "unpaired": self.unpaired,
+                "bytes_saved": self.bytes_saved,
+                "seconds": self.seconds,
+            },
+        }
+
+    def render_text(self) -> str:
+        return render_report(self.to_dict())
+
+
+def _metrics_text(m: dict) -> str:
+    return (f"cosine {m['cosine']:.9f}, mean |delta| {m['mean_abs']:.3g}, max |delta| {m['max_abs']:.3g}, "
+            f"relative RMS {m['rel_rms']:.3g}")
+
+
+def render_report(d: dict) -> str:
+    """The text form of an :meth:`AdoptReport.to_dict` (what the CLI prints)."""
+    t, tot = d["thresholds"], d["totals"]
+    lines = [
+        f"adoption (anchor function {d['anchor']!r}; min cosine {t['min_cosine']:g}, max mean |delta| "
+        f"{t['max_mean_abs']:g}, max |delta| {'none' if t['max_abs'] is None else format(t['max_abs'], 'g')})"
+        + (": dry run, nothing written" if d["dry_run"] else "")
+    ]
+    for a in d["adopted"]:
+        lines.append(
+            f"  adopted {a['function']}:{a['op']} ({a['kind']}) from {a['anchor_function']}:{a['anchor_op']}: "
+            f"{_metrics_text(a['metrics'])}; {a['bytes_saved']} bytes saved"
+        )
+    for r in d["rejected"]:
+        lines.append(
+            f"  rejected {r['function']}:{r['op']} ({r['kind']}) vs {r['anchor_function']}:{r['anchor_op']}: "
+            f"{r['failed']} ({_metrics_text(r['metrics'])})"
+        )
+    lines.append(
+        f"  totals: {tot['adopted']} adopted ({tot['bytes_saved']} bytes saved), {tot['rejected']} rejected, "
+        f"{tot['identical']} byte-identical, {tot['unpaired']} without a candidate, of {tot['weights']} weights; "
+        f"{tot['seconds']:.2f} s"
+    )
+    return "\n".join(lines)
+
+
+@dataclass
+class AdoptPlan:
+    report: AdoptReport
+    #: (output function, op name, location) -> the anchor's blob that reference is to point at
+    mapping: dict[tuple[str, str, str], ResolvedRef]
+
+    def apply(self, model: pb.Model, pairs: list[tuple[BlobRef, ResolvedRef]]) -> list[tuple[BlobRef, ResolvedRef]]:
+        """Re-point the adopted references of ``pairs`` (output reference, source blob) at the
+        anchor's blobs and record the adoption in ``model``'s metadata."""
+        out = []
+        for new, src in pairs:
+            found = self.mapping.get((new.function, new.op_name, new.location))
+            out.append((new, found if found is not None else src))
+        if self.report.adopted:
+            _record(model, self.report)
+        return out
+
+
+def _record(model: pb.Model, report: AdoptReport) -> None:
+    meta = model.description.metadata
+    prior = {"count": 0, "bytes": 0}
+    for e in list(meta.userDefined):
+        if e.key == METADATA_KEY:
+            try:
+                prior = json.loads(e.value)
+            except ValueError:
+                pass
+            meta.userDefined.remove(e)
+    t = report.thresholds
+    entry = {
+        "count": int(prior.get("count", 0)) + len(report.adopted),
+        "bytes": int(prior.get("bytes", 0)) + report.bytes_saved,
+        "anchor": report.anchor,
+        "min_cosine": t.min_cosine,
+        "max_mean_abs": t.max_mean_abs,
+        "max_abs": t.max_abs,
+    }
+    meta.userDefined.add(key=METADATA_KEY, value=json.dumps(entry, sort_keys=True))
+
+
+class _Sketches:
+    def __init__(self):
+        self._cache: dict[int, np.ndarray] = {}
+
+    def __call__(self, w: Weight) -> np.ndarray:
+        s = self._cache.get(id(w))
+        if s is None:
+            s = self._cache[id(w)] = sample_values(w, SKETCH_VALUES)
+        return s
+
+
+def _distance(a: np.ndarray, b: np.ndarray) -> float:
+    d = float(np.linalg.norm(a - b))
+    return d / (float(np.linalg.norm(b)) + 1e-30) if math.isfinite(d) else math.inf
+
+
+def _sample(r: ResolvedRef) -> tuple:
+    """(dtype, size, padding, sample digest) of a blob: equal for byte-identical blobs."""
+    b = r.blob
+    return (b.dtype.code, b.size, b.padding_bits if b.dtype.sub_byte else 0, sample_digest(BlobSource(r.file, b)))
+
+
+def _blob_pairs(anchor: Weight, target: Weight) -> list[tuple[ResolvedRef, ResolvedRef]]:
+    sa, st = _ref_slots(anchor), _ref_slots(target)
+    return [(sa[k], st[k]) for k in sorted(st)]
+
+
+def plan_adoption(
+    functions: Sequence[tuple[object, str, str]],
+    thresholds: Thresholds,
+    anchor: str | None = None,
+    *,
+    dry_run: bool = False,
+) -> AdoptPlan:
+    """Decide which weights adopt which: ``functions`` lists (package, source function name,
+    output function name) in output order; the anchor is the first or the one named ``anchor``
+    (an output name). Reads the spec, the sketches' rows, and for each candidate pair the blobs
+    (byte comparison) and, unless identical, both weights whole in windows."""
+    start = time.perf_counter()
+    names = [f[2] for f in functions]
+    if anchor is None:
+        anchor = names[0]
+    if anchor not in names:
+        raise UsageError(f"anchor function {anchor!r} is not among the output functions {names}")
+    pkg_a, src_a, _ = functions[names.index(anchor)]
+    report = AdoptReport(anchor, thresholds, dry_run=dry_run)
+    mapping: dict[tuple[str, str, str], ResolvedRef] = {}
+    pool: dict[bytes, list[Weight]] = {}
+    for w in find_weights(pkg_a, src_a):
+        check_weight(w)
+        pool.setdefault(structure_key(w), []).append(w)
+    sketch = _Sketches()
+    targets = []
+    for pkg, src, out_name in functions:
+        if out_name != anchor:
+            for w in find_weights(pkg, src):
+                check_weight(w)  # every weight's ops are consistent before anything is decided
+                targets.append((out_name, w))
+
+    for out_name, w in targets:
+        report.weights += 1
+        candidates = pool.get(structure_key(w), [])
+        if not candidates:
+            report.unpaired += 1
+            continue
+        if any(all(ra.file is rt.file and ra.blob.record_offset == rt.blob.record_offset
+                   for ra, rt in _blob_pairs(c, w)) for c in candidates):
+            report.identical += 1  # already the very same blobs
+            continue
+        # Byte-identical weights are found before any value is computed: samples of every blob
+        # agree, then the bytes decide (exact coalescing will share them).
+        if any(all(_sample(ra) == _sample(rt) for ra, rt in _blob_pairs(c, w))
+               and all(blobs_equal(BlobSource(ra.file, ra.blob), BlobSource(rt.file, rt.blob)) for ra, rt in _blob_pairs(c, w))
+               for c in candidates):
+            report.identical += 1
+            continue
+        mine = sketch(w)
+        base = _base_name(w.name)
+        ranked = sorted((_distance(sketch(c), mine), _base_name(c.name) != base, i) for i, c in enumerate(candidates))
+        # The best sketch is always measured; a runner-up only if its sketch is about as close
+        # (a clear winner is not second-guessed with another full pass).
+        nearest = ranked[0][0]
+        proposed = [candidates[i] for d, _, i in ranked[:CANDIDATES] if d <= 2 * nearest + SKETCH_SLACK]
+        best: tuple[Weight, Metrics, int] | None = None
+        first_fail: tuple[Weight, Metrics, str] | None = None
+        identical = False
+        for c in proposed:
+            pairs = _blob_pairs(c, w)
+            same = {}
+            for ra, rt in pairs:
+                key = (id(rt.file), rt.blob.record_offset)
+                if key not in same:
+                    same[key] = (rt.blob.size, blobs_equal(BlobSource(ra.file, ra.blob), BlobSource(rt.file, rt.blob)))
+            if all(eq for _, eq in same.values()):
+                identical = True
+                break
+            m = compare_weights(c, w)
+            failed = thresholds.failure(m)
+            if failed is None:
+                saved = sum(size for size, eq in same.values() if not eq)
+                if best is None or (m.cosine, -m.mean_abs) > (best[1].cosine, -best[1].mean_abs):
+                    best = (c, m, saved)
+            elif first_fail is None:
+                first_fail = (c, m, failed)
+        if identical:
+            report.identical += 1
+            continue
+        if best is None:
+            c, m, failed = first_fail
+            report.rejected.append(Rejection(out_name, w.name, w.kind, anchor, c.name, failed, m))
+            continue
+        c, m, saved = best
+        report.adopted.append(Adoption(out_name, w.name, w.kind, anchor, c.name, m, saved))
+        for (ra, rt) in _blob_pairs(c, w):
+            mapping[(out_name, rt.ref.op_name, rt.ref.location)] = ra
+    report.seconds = time.perf_counter() - start
+    return AdoptPlan(report, mapping)
+
+
+def plan_for_picks(picks, thresholds: Thresholds, anchor: str | None, dry_run: bool = False) -> AdoptPlan:
+    """:func:`plan_adoption` for the picks (:class:`milsurgery.assemble.Pick`) of a writer."""
+    return plan_adoption([(p.source, p.name, p.new_name) for p in picks], thresholds, anchor, dry_run=dry_run)
+
+
+def weight_differences(pkg, function: str, src, src_function: str, differing, tolerance: Thresholds | None, check):
+    """For ``verify``: judge blobs of ``pkg``'s ``function`` that differ from the source's, weight
+    by weight.
+
+    Each weight holding a differing blob is compared with the source's weight (full metrics). With
+    ``tolerance`` met, the weight goes to ``check.tolerated`` and its blobs are not reported.
+    Returns (output ref, source ref, note) for the blobs still to report as differences: ``note``
+    names the weight's op and metrics (for the first blob of each weight) or is empty.
+    """
+    mine = {op.outputs[0].name: w for w in find_weights(pkg, function) for op in w.ops if op.outputs}
+    theirs = {op.outputs[0].name: w for w in find_weights(src, src_function) for op in w.ops if op.outputs}
+    left, verdicts = [], {}
+    for ra, rb in differing:
+        wa, wb = mine.get(ra.ref.op_name), theirs.get(rb.ref.op_name)
+        if wa is None or wb is None or wa.name != wb.name or wa.shape != wb.shape:
+            left.append((ra, rb, ""))
+            continue
+        note = ""
+        if wa.name not in verdicts:
+            m = compare_weights(wb, wa)
+            failed = tolerance.failure(m) if tolerance is not None else "no tolerance given"
+            verdicts[wa.name] = failed is None
+            if failed is None:
+                check.tolerated.append({"op": wa.name, "kind": wa.kind, "metrics": m.to_dict()})
+            else:
+                note = f"; the values of weight {wa.name!r} ({wa.kind}) differ: {m.text()} ({failed})"
+        if not verdicts[wa.name]:
+            left.append((ra, rb, note))
+    return left

@@ -1,0 +1,134 @@
+"""Dequantization (milsurgery.dequant) against coremltools' own evaluation of the constexpr ops.
+
+Fixtures are compressed by coremltools (``palettize_weights``, ``linear_quantize_weights``,
+``prune_weights`` and their joint forms), one package per kind, built once for the module. The
+reference values come from coremltools' milproto loader and its ops' value inference, not from
+milsurgery's reader.
+"""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import pytest
+
+from checks import ct_load_program, spec_path
+from compressed_models import KINDS, compress, ct_value, linear_weights, linears
+from milsurgery import SpecError
+from milsurgery.cli import main
+from milsurgery.dequant import WINDOW_ELEMENTS, dequantize, find_weights, get_weight, iter_values, sample_values
+from milsurgery.package import Package
+from milsurgery.spec import pb
+
+SHAPES = [(16, 1280), (8, 1280)]
+
+
+@pytest.fixture(scope="module")
+def packages(tmp_path_factory):
+    d = tmp_path_factory.mktemp("dequant")
+    base = {t: linears(str(d / f"base_{t}.mlpackage"), linear_weights(0, SHAPES), target=t) for t in ("iOS16", "iOS18")}
+    return {kind: compress(base[target], str(d / f"{kind}.mlpackage"), kind) for kind, target in KINDS.items()}
+
+
+def ct_weights(pkg_path: str) -> dict:
+    prog = ct_load_program(pkg_path)
+    return {op.outputs[0].name: op.outputs[0] for op in prog.functions["main"].operations}
+
+
+@pytest.mark.parametrize("kind", list(KINDS))
+def test_dequantize_matches_coremltools(packages, kind):
+    path = packages[kind]
+    ct_vars = ct_weights(path)
+    compressed = 0
+    with Package(path) as pkg:
+        weights = find_weights(pkg, "main")
+        # The weights are exactly what the linear ops consume, as coremltools' program sees it.
+        # (coremltools stores consts of fewer than 10 values inline, not as blobs: not weights.)
+        used = {v.name for v in ct_vars.values() if v.op.op_type == "linear" for v in (v.op.weight, v.op.bias)
+                if v.op.op_type != "const" or v.val.size >= 10}
+        assert {w.name for w in weights} == used
+        for w in weights:
+            ref = np.asarray(ct_value(ct_vars[w.name]))
+            mine = dequantize(w)
+            assert mine.shape == ref.shape == w.shape
+            if w.op_type == "const":
+                np.testing.assert_array_equal(mine, ref.astype(np.float64))
+                continue
+            compressed += 1
+            # Computed in float64 and rounded once to the weight's type, the values are exactly
+            # those coremltools computes in that type.
+            np.testing.assert_array_equal(mine.astype(ref.dtype), ref, err_msg=kind)
+            np.testing.assert_array_equal(mine, ref.astype(np.float64), err_msg=kind)
+    assert compressed >= 1, f"{kind}: coremltools compressed nothing"
+
+
+@pytest.mark.parametrize("kind", ["lut2_vector", "sparse_lut4", "int4_block", "lut4_ios16", "sparse_ios16"])
+def test_windows_agree_with_whole(packages, kind):
+    """Tiny windows (one row each; a vector LUT's rows straddle vectors) give the same values."""
+    with Package(packages[kind]) as pkg:
+        w = get_weight(pkg, "main", next(w.name for w in find_weights(pkg, "main") if w.op_type != "const"))
+        whole = dequantize(w)
+        for window in (1, 7, 3000):
+            parts = list(iter_values(w, window=window))
+            assert max(p.size for p in parts) <= max(window, whole.shape[1]) if whole.ndim > 1 else True
+            np.testing.assert_array_equal(np.concatenate(parts).reshape(w.shape), whole)
+        sample = sample_values(w, 64)
+        assert 0 < sample.size <= 64 * 2
+        assert np.isin(sample, whole).all()
+
+
+def test_window_bounded_by_constant(packages):
+    with Package(packages["lut4_grouped"]) as pkg:
+        w = next(w for w in find_weights(pkg, "main") if w.op_type != "const")
+        assert all(p.size <= max(WINDOW_ELEMENTS, w.shape[1]) for p in iter_values(w))
+
+
+def test_weights_describe_their_ops(packages):
+    with Package(packages["sparse_lut4"]) as pkg:
+        w = next(w for w in find_weights(pkg, "main") if w.op_type != "const")
+        assert w.kind == "constexpr_sparse_to_dense+constexpr_lut_to_sparse"
+        assert [op.type for op in w.ops][:2] == ["constexpr_sparse_to_dense", "constexpr_lut_to_sparse"]
+        assert w.blob_bytes == sum({(r.blob.record_offset): r.blob.size for r in w.refs}.values()) > 0
+
+
+def _corrupt_ios16_shape(src: str, dest: str) -> str:
+    """Copy ``src`` with the iOS 16 LUT op's ``shape`` attribute (and declared output) enlarged,
+    so its packed indices no longer hold enough codes."""
+    import shutil
+
+    shutil.copytree(src, dest)
+    model = pb.Model()
+    with open(spec_path(dest), "rb") as f:
+        model.ParseFromString(f.read())
+    block = model.mlProgram.functions[0].value.block_specializations[0].value
+    op = next(o for o in block.operations if o.type == "constexpr_lut_to_dense")
+    shape_attr = next(e.value for e in op.attributes if e.key == "shape")
+    t = shape_attr.immediateValue.tensor
+    kind = t.WhichOneof("value")
+    if kind == "bytes":
+        arr = np.frombuffer(t.bytes.values, dtype=np.uint32).copy()
+        arr[0] *= 2
+        t.bytes.values = arr.tobytes()
+    else:
+        vals = getattr(t, kind).values
+        vals[0] *= 2
+    op.outputs[0].type.tensorType.dimensions[0].constant.size *= 2
+    with open(spec_path(dest), "wb") as f:
+        f.write(model.SerializeToString())
+    return op.outputs[0].name
+
+
+def test_blob_too_small_for_declared_shape(packages, tmp_path, capsys):
+    bad = str(tmp_path / "bad.mlpackage")
+    op_name = _corrupt_ios16_shape(packages["lut4_ios16"], bad)
+    with Package(bad) as pkg:
+        w = next(w for w in find_weights(pkg, "main") if w.name == op_name)
+        with pytest.raises(SpecError, match=f"op '{op_name}' \\(constexpr_lut_to_dense\\): indices holds"):
+            dequantize(w)
+    out = tmp_path / "out.mlpackage"
+    code = main(["merge", "-o", str(out), f"{packages['lut4_ios16']}:main=a", f"{bad}:main=b", "--adopt"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and op_name in err[0] and err[0].startswith("milsurgery: error: ")
+    assert not os.path.exists(out)
+    assert [p for p in os.listdir(tmp_path) if p != "bad.mlpackage"] == []
