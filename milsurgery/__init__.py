@@ -8,6 +8,7 @@ byte-exactly, and copies weight bytes file to file so memory stays flat.
 from .assemble import Pick, WriteReport, write_package
 from .blobfile import Blob, BlobFile, BlobWriter
 from .check import CheckReport, check
+from .compress import CompressReport, compress
 from .errors import (
     BlobFileError,
     DestinationExistsError,
@@ -63,6 +64,7 @@ __all__ = [
     "BlobFileError",
     "BlobWriter",
     "CheckReport",
+    "CompressReport",
     "DestinationExistsError",
     "FormatError",
     "InvalidModelError",
@@ -83,6 +85,7 @@ __all__ = [
     "append",
     "check",
     "compare_weights",
+    "compress",
     "dequantize",
     "extract",
     "find_weights",

@@ -273,7 +273,9 @@ def write_package(
     called with the staged package's directory before it is moved into place; an exception from
     it leaves ``dest`` as it was (see :meth:`StagedPackage.commit`). ``adjust(model, pairs)``,
     called once the output spec is built, may return the pairs with some references paired with
-    other source blobs (and edit the model's metadata): near-duplicate adoption uses it."""
+    other source blobs (and edit the model's metadata): near-duplicate adoption uses it;
+    compression also replaces ops in the graphs and pairs the new references with blobs of a
+    scratch file (see :mod:`milsurgery.compress`)."""
     start = time.perf_counter()
     warnings: list[str] = []
     model, pairs = build_model(picks, default=default, single=single, spec_version=spec_version, warnings=warnings)

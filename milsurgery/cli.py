@@ -174,6 +174,44 @@ def cmd_append(args) -> int:
     return _run_writer(args, lambda bar: append(args.package, args.sources, progress=bar))
 
 
+def cmd_compress(args) -> int:
+    from .compress import compress
+
+    if args.output is None and not args.dry_run:
+        raise UsageError("compress needs -o OUT (or --dry-run)")
+    bar = ProgressBar(not args.quiet)
+    try:
+        report = compress(
+            args.package, args.output, palettize_bits=args.palettize, mode=args.mode, group_size=args.group_size,
+            quantize_dtype=args.quantize, block_size=args.block_size, min_elements=args.min_elements,
+            skip=args.skip, dry_run=args.dry_run, workers=args.workers, force=args.force,
+            sync=not args.no_sync, progress=bar,
+        )
+    finally:
+        bar.finish()
+    if args.json:
+        _print_json(report.to_dict())
+        return 0
+    for w in report.warnings:
+        print(f"milsurgery: warning: {w}", file=sys.stderr)
+    if args.quiet:
+        return 0
+    verb = "would write" if report.dry_run else f"wrote {report.output}:"
+    print(
+        f"{verb} {report.configuration}; {report.consts_replaced} consts replaced by "
+        f"{report.weights_compressed} compressed weights; weights {report.bytes_before} -> "
+        f"{report.bytes_after} bytes{' (estimated)' if report.dry_run else ''} in {report.seconds:.2f} s"
+    )
+    for w in report.weights:
+        print(
+            f"  {', '.join(w.ops)} {w.dtype}{w.shape}: {w.bytes_before} -> {w.bytes_after} bytes, "
+            f"relative RMS error {w.relative_rms:.3g}, max |delta| {w.max_abs_error:.3g}"
+        )
+    for s in report.skipped:
+        print(f"  skipped {s}")
+    return 0
+
+
 def cmd_verify(args) -> int:
     from .verify import verify
 
@@ -307,6 +345,24 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("sources", nargs="+", metavar="SRC[:FUNC[=NEW]]")
     _add_output_options(p, output=False)
     p.set_defaults(func=cmd_append)
+
+    p = sub.add_parser("compress", help="palettize or quantize every distinct weight once, shared by all functions")
+    p.add_argument("package", metavar="PKG")
+    p.add_argument("-o", "--output", metavar="OUT.mlpackage")
+    how = p.add_mutually_exclusive_group(required=True)
+    how.add_argument("--palettize", type=int, metavar="NBITS", help="LUT palettization with 1, 2, 3, 4, 6 or 8-bit indices")
+    how.add_argument("--quantize", metavar="int8|int4", help="symmetric linear quantization")
+    p.add_argument("--mode", default="kmeans", choices=["kmeans", "uniform"], help="how LUTs are chosen (default kmeans, as coremltools)")
+    p.add_argument("--group-size", type=int, default=0, metavar="G", help="output channels per LUT (default: one LUT per weight)")
+    p.add_argument("--block-size", type=int, default=0, metavar="B", help="input-channel elements per scale (default: one scale per output channel)")
+    p.add_argument("--min-elements", type=int, default=2048, metavar="N", help="leave weights of at most N elements as they are (default 2048, as coremltools)")
+    p.add_argument("--skip", action="append", default=[], metavar="OP_NAME_GLOB", help="leave consts whose op or output name matches (repeatable)")
+    p.add_argument("--dry-run", action="store_true", help="compute and report, write nothing")
+    p.add_argument("--workers", type=int, metavar="N", help="worker processes (default: all cores)")
+    p.add_argument("--force", action="store_true", help="replace OUT if it exists")
+    p.add_argument("--no-sync", action="store_true", help=_NO_SYNC_HELP)
+    _add_output_options(p, output=False)
+    p.set_defaults(func=cmd_compress)
 
     p = sub.add_parser("verify", help="prove functions of PKG equal their sources (exit 1 if not)")
     p.add_argument("package", metavar="PKG")

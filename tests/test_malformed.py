@@ -93,6 +93,7 @@ COMMANDS = {
     "verify-source": lambda bad, good, out: ["verify", good, "--against", bad],
     "append-into": lambda bad, good, out: ["append", bad, f"{good}:a=g"],
     "append-from": lambda bad, good, out: ["append", good, f"{bad}:a=g"],
+    "compress": lambda bad, good, out: ["compress", bad, "-o", out, "--palettize", "4", "--mode", "uniform", "--workers", "1"],
 }
 
 

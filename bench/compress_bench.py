@@ -1,0 +1,192 @@
+"""Compression benchmark: milsurgery merge + compress vs coremltools' per-function pipeline.
+
+Builds (or reuses, see ``bench/merge_bench.py``) an LLM-like infer/prefill pair of a given size,
+then runs, each step in its own process:
+
+* ``milsurgery``: ``milsurgery merge`` of the pair, then ``milsurgery compress --palettize
+  NBITS --group-size G`` of the merged package (k-means, as coremltools);
+* ``coremltools``: what deployers do today, since coremltools refuses to compress a
+  multifunction model: ``palettize_weights`` on each function's package separately (the same
+  configuration: ``OpPalettizerConfig(nbits, mode, granularity="per_grouped_channel",
+  group_size=G)``), then ``save_multifunction`` of the two compressed packages.
+
+Reported per pipeline: wall and CPU time of each step and in total, the peak resident memory (the sum of
+VmRSS over the step's process and its children, sampled every few milliseconds: milsurgery's
+workers are children), and the output weight.bin size; and the ratios milsurgery / coremltools.
+``coremltools palettize (one function)`` is the time of palettizing one package alone. Run from
+the repository root::
+
+    python bench/compress_bench.py --size 1024           # >= 1 GiB of fp16 per function
+    python bench/compress_bench.py --size 64 --mode uniform --json out.json
+
+Needs coremltools, kmeans1d and scikit-learn (``pip install '.[test]'``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(HERE)
+sys.path.insert(0, HERE)
+
+from merge_bench import build_pair, settle, warm, weight_bin  # noqa: E402
+
+PALETTIZE = """
+import sys
+import coremltools as ct
+from coremltools.optimize.coreml import OpPalettizerConfig, OptimizationConfig, palettize_weights
+src, out, nbits, group, mode = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), sys.argv[5]
+model = ct.models.MLModel(src, skip_model_load=True)
+config = OpPalettizerConfig(nbits=nbits, mode=mode, granularity="per_grouped_channel", group_size=group)
+palettize_weights(model, OptimizationConfig(global_config=config)).save(out)
+"""
+
+SAVE_MULTIFUNCTION = """
+import sys
+import coremltools as ct
+a, b, out = sys.argv[1:4]
+desc = ct.utils.MultiFunctionDescriptor()
+desc.add_function(a, "main", "infer")
+desc.add_function(b, "main", "prefill")
+desc.default_function_name = "infer"
+ct.utils.save_multifunction(desc, out)
+"""
+
+
+def _tree_rss_kib(pid: int) -> int:
+    """VmRSS of ``pid`` plus all its descendants (Linux /proc), in KiB."""
+    total, todo, seen = 0, [pid], set()
+    while todo:
+        p = todo.pop()
+        if p in seen:
+            continue
+        seen.add(p)
+        try:
+            with open(f"/proc/{p}/status") as f:
+                for line in f:
+                    if line.startswith("VmRSS:"):
+                        total += int(line.split()[1])
+                        break
+            with open(f"/proc/{p}/task/{p}/children") as f:
+                todo.extend(int(c) for c in f.read().split())
+        except OSError:
+            continue
+    return total
+
+
+def timed(cmd: list[str]) -> dict:
+    """Run ``cmd``: wall seconds, CPU seconds (user + system of the process and the children it
+    waited for: less sensitive than wall time to other load on the machine) and the peak of its
+    process tree's summed resident memory."""
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [ROOT, os.environ.get("PYTHONPATH")])))
+    start = time.perf_counter()
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env)
+    peak = 0
+    while True:
+        peak = max(peak, _tree_rss_kib(proc.pid))
+        pid, status, usage = os.wait4(proc.pid, os.WNOHANG)
+        if pid:
+            break
+        time.sleep(0.005)
+    wall = time.perf_counter() - start
+    proc.returncode = os.waitstatus_to_exitcode(status)
+    stderr = proc.stderr.read().decode(errors="replace")
+    if proc.returncode != 0:
+        raise SystemExit(f"{' '.join(cmd[:5])} ... failed:\n{stderr[-3000:]}")
+    cpu = usage.ru_utime + usage.ru_stime
+    return {"seconds": round(wall, 2), "cpu_seconds": round(cpu, 2), "peak_rss_mib": round(peak / 1024, 1)}
+
+
+def run(workdir: str, size_mib: int, nbits: int, group: int, mode: str, reference: bool) -> dict:
+    infer, prefill = build_pair(workdir, size_mib)
+    py = sys.executable
+    env_cmd = [py, "-m", "milsurgery"]
+    out = os.path.join(workdir, "compress-run")
+    shutil.rmtree(out, ignore_errors=True)
+    os.makedirs(out)
+    steps: dict[str, dict[str, dict]] = {"milsurgery": {}, "coremltools": {}}
+    merged, compressed = os.path.join(out, "merged.mlpackage"), os.path.join(out, "compressed.mlpackage")
+    for path in (infer, prefill):
+        warm(path)
+    settle()
+    steps["milsurgery"]["merge"] = timed([*env_cmd, "merge", f"{infer}:main=infer", f"{prefill}:main=prefill", "-o", merged, "--quiet"])
+    settle()
+    steps["milsurgery"]["compress"] = timed(
+        [*env_cmd, "compress", merged, "-o", compressed, "--palettize", str(nbits), "--group-size", str(group), "--mode", mode, "--quiet"]
+    )
+    result = {"size_mib": size_mib, "nbits": nbits, "group_size": group, "mode": mode, "cores": os.cpu_count(),
+              "input_weight_bytes": os.path.getsize(weight_bin(infer)), "steps": steps,
+              "output_bytes": {"milsurgery": os.path.getsize(weight_bin(compressed))}}
+    if reference:
+        pa, pb_ = os.path.join(out, "infer-pal.mlpackage"), os.path.join(out, "prefill-pal.mlpackage")
+        ref_out = os.path.join(out, "ct-multifunction.mlpackage")
+        settle()
+        steps["coremltools"]["palettize infer"] = timed([py, "-c", PALETTIZE, infer, pa, str(nbits), str(group), mode])
+        settle()
+        steps["coremltools"]["palettize prefill"] = timed([py, "-c", PALETTIZE, prefill, pb_, str(nbits), str(group), mode])
+        settle()
+        steps["coremltools"]["save_multifunction"] = timed([py, "-c", SAVE_MULTIFUNCTION, pa, pb_, ref_out])
+        result["output_bytes"]["coremltools"] = os.path.getsize(weight_bin(ref_out))
+    for name, s in steps.items():
+        if s:
+            result[name] = {
+                "seconds": round(sum(x["seconds"] for x in s.values()), 2),
+                "cpu_seconds": round(sum(x["cpu_seconds"] for x in s.values()), 2),
+                "peak_rss_mib": max(x["peak_rss_mib"] for x in s.values()),
+            }
+    if reference:
+        one = steps["coremltools"]["palettize infer"]["seconds"]
+        result["ratios"] = {
+            "output size milsurgery/coremltools": round(result["output_bytes"]["milsurgery"] / result["output_bytes"]["coremltools"], 3),
+            "wall milsurgery total/coremltools total": round(result["milsurgery"]["seconds"] / result["coremltools"]["seconds"], 3),
+            "milsurgery compress/coremltools palettize (one function)": round(steps["milsurgery"]["compress"]["seconds"] / one, 3),
+            "CPU milsurgery compress/coremltools palettize (one function)": round(
+                steps["milsurgery"]["compress"]["cpu_seconds"] / steps["coremltools"]["palettize infer"]["cpu_seconds"], 3),
+            "peak RSS milsurgery/coremltools": round(result["milsurgery"]["peak_rss_mib"] / result["coremltools"]["peak_rss_mib"], 3),
+        }
+    shutil.rmtree(out, ignore_errors=True)
+    return result
+
+
+def render(r: dict) -> str:
+    lines = [f"LLM-like pair, {r['size_mib']} MiB of fp16 per function ({r['input_weight_bytes']} bytes), "
+             f"palettize {r['nbits']} bits {r['mode']}, group size {r['group_size']}, {r['cores']} cores"]
+    for name, steps in r["steps"].items():
+        for step, x in steps.items():
+            lines.append(f"  {name:12s} {step:20s} {x['seconds']:9.2f} s  CPU {x['cpu_seconds']:9.2f} s  peak RSS {x['peak_rss_mib']:9.1f} MiB")
+        if name in r:
+            lines.append(f"  {name:12s} {'total':20s} {r[name]['seconds']:9.2f} s  CPU {r[name]['cpu_seconds']:9.2f} s  peak RSS {r[name]['peak_rss_mib']:9.1f} MiB"
+                         f"  output {r['output_bytes'][name]} bytes")
+    for k, v in r.get("ratios", {}).items():
+        lines.append(f"  {k}: {v}")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--size", type=int, default=1024, help="MiB of fp16 weights per function (default 1024)")
+    ap.add_argument("--nbits", type=int, default=4)
+    ap.add_argument("--group-size", type=int, default=16)
+    ap.add_argument("--mode", default="kmeans", choices=["kmeans", "uniform"])
+    ap.add_argument("--no-reference", action="store_true", help="skip coremltools' pipeline")
+    ap.add_argument("--workdir", default=os.path.join(HERE, "out"))
+    ap.add_argument("--json", metavar="PATH", help="also write the results as JSON")
+    args = ap.parse_args(argv)
+    os.makedirs(args.workdir, exist_ok=True)
+    result = run(args.workdir, args.size, args.nbits, args.group_size, args.mode, not args.no_reference)
+    print(render(result))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(result, f, indent=2)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
