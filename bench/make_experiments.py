@@ -6,7 +6,10 @@ it writes, into ``--out``:
 * ``NAME.mlpackage``: one package of N functions ``f0`` .. ``f{N-1}`` (milsurgery's synthetic
   LLM-like graph, :func:`milsurgery.synth.build_llm_like`), each holding about SIZE MiB of fp16
   or 4-bit palettized weights, of which FRACTION of the layers reference the same blobs in every
-  function and the others have weights of their own;
+  function and the others have weights of their own. Function ``fI`` takes a sequence of
+  ``--seq`` << I positions: no two functions are the same program, so no two separate packages
+  are the same bytes, and a cache keyed on content (the Neural Engine's compile cache) cannot
+  make separate packages look shared;
 * ``NAME.separate/fI.mlpackage``: each function extracted (``milsurgery extract --single``) as an
   ordinary single-function package. These share nothing with one another: the baseline the
   merged package is compared with.
@@ -24,7 +27,9 @@ directly. Run from the repository root::
 ``--dry-run`` prints the plan (without predictions) and writes nothing. Memory stays flat
 whatever the sizes: weights are generated and written one tensor at a time, extraction copies
 blob bytes file to file, and the memory model reads no weight bytes. Names encode the parameters
-(``n2-s050-fp16-64mib-h1024``); an existing package is an error unless ``--force``.
+(``n2-s050-fp16-64mib-h1024``); values that give the same name (``--shared 0.501,0.504``) are a
+usage error rather than one experiment silently dropped; an existing package is an error unless
+``--force``.
 
 Exit status: 0 written, 2 bad usage or a failure writing a package.
 """
@@ -51,6 +56,8 @@ PLAN_NAME = "plan.json"
 PLAN_SCHEMA = 1
 DTYPES = ("fp16", "palettized4")
 MIB = 1 << 20
+#: Longest input sequence a function may take (fI takes --seq << I).
+MAX_SEQ = 1 << 16
 #: Page size of Apple silicon, where the plan is measured.
 APPLE_SILICON_PAGE = 16384
 
@@ -75,6 +82,11 @@ class Experiment:
     @property
     def functions(self) -> list[str]:
         return [f"f{i}" for i in range(self.n_functions)]
+
+    @property
+    def seq_lens(self) -> dict[str, int]:
+        """Sequence length of each function's input: ``seq`` << i, so the programs differ."""
+        return {f: self.seq << i for i, f in enumerate(self.functions)}
 
     @property
     def layers(self) -> int:
@@ -129,7 +141,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--size-mib", type=_list(float, lambda s: s > 0, "a positive size"), default=[64.0],
                    metavar="S[,S...]", help="weight MiB per function, approximately (default 64)")
     p.add_argument("--hidden", type=int, default=1024, help="hidden size of every layer (default 1024)")
-    p.add_argument("--seq", type=int, default=8, help="sequence length of every function's input (default 8)")
+    p.add_argument("--seq", type=int, default=8,
+                   help="sequence length of f0's input; fI takes SEQ << I (default 8)")
     p.add_argument("--seed", type=int, default=0, help="weight generator seed (default 0)")
     p.add_argument("--out", required=True, metavar="DIR", help="directory for the packages and plan.json")
     p.add_argument("--force", action="store_true", help="replace packages that already exist")
@@ -137,18 +150,39 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args = p.parse_args(argv)
     if args.hidden < 1 or args.seq < 1:
         p.error("--hidden and --seq must be positive")
+    if args.seq << (max(args.functions) - 1) > MAX_SEQ:
+        p.error(f"--seq {args.seq} << {max(args.functions) - 1} (function f{max(args.functions) - 1}) exceeds "
+                f"{MAX_SEQ}; use fewer functions or a shorter --seq")
+    try:
+        experiments(args)
+    except ValueError as exc:
+        p.error(str(exc))
     return args
 
 
+def _clash(a: Experiment, b: Experiment) -> str:
+    """The options of two experiments of one name that differ, as the user wrote them."""
+    if a.shared_fraction != b.shared_fraction:
+        return f"--shared {a.shared_fraction:g} and {b.shared_fraction:g}"
+    return f"--size-mib {a.size_mib!r} and {b.size_mib!r}"
+
+
 def experiments(args: argparse.Namespace) -> list[Experiment]:
-    """Every combination of the options, in a stable order, without duplicate names."""
+    """Every combination of the options, in a stable order.
+
+    Raises ``ValueError`` when two different combinations get the same name (values that round
+    to the same name part), which would otherwise write one package over the other.
+    """
     found: dict[str, Experiment] = {}
     for n in args.functions:
         for dtype in args.dtype:
             for size in args.size_mib:
                 for shared in args.shared:
                     e = Experiment(n, shared, dtype, size, args.hidden, args.seq, args.seed)
-                    found.setdefault(e.name, e)
+                    other = found.setdefault(e.name, e)
+                    if other != e:
+                        raise ValueError(f"{_clash(other, e)} give the same package name {e.name}; "
+                                         "choose values that differ in the name")
     return list(found.values())
 
 
@@ -163,7 +197,7 @@ def _abs(out: str, rel: str) -> str:
 def write_experiment(e: Experiment, out: str, *, force: bool = False) -> int:
     """Write the merged package and its separate packages; the number of layers shared."""
     layout = build_llm_like(
-        _abs(out, e.package), seq_lens={f: e.seq for f in e.functions}, hidden=e.hidden, layers=e.layers,
+        _abs(out, e.package), seq_lens=e.seq_lens, hidden=e.hidden, layers=e.layers,
         seed=e.seed, dtype=e.dtype, shared_fraction=e.shared_fraction, force=force,
         metadata={"milsurgery.experiment": e.name},
     )
@@ -202,6 +236,7 @@ def plan_entry(e: Experiment, shared_layers: int, predicted: dict | None) -> dic
         "size_mib": e.size_mib,
         "hidden": e.hidden,
         "seq": e.seq,
+        "seq_lens": e.seq_lens,
         "layers": e.layers,
         "shared_layers": shared_layers,
         "separate": {f: e.separate(f) for f in e.functions},

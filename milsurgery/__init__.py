@@ -8,6 +8,8 @@ byte-exactly, and copies weight bytes file to file so memory stays flat.
 from .assemble import Pick, WriteReport, write_package
 from .blobfile import Blob, BlobFile, BlobWriter
 from .check import CheckReport, check
+from .compiled import CompiledModel, open_model
+from .diff import DiffReport, diff
 from .compress import CompressReport, compress
 from .errors import (
     BlobFileError,
@@ -16,6 +18,7 @@ from .errors import (
     InvalidModelError,
     ManifestError,
     MilSurgeryError,
+    MilTextError,
     PackageError,
     SpecError,
     UnsafePathError,
@@ -25,7 +28,9 @@ from .errors import (
 from .inspect import inspect_package
 from .memory import memory_model
 from .merge import merge, parse_source
+from .miltext import parse_program, print_program
 from .package import Package, open_package
+from .show import show
 from .surgery import append, extract, remove, rename, shrink
 from .verify import VerificationFailed, VerifyReport, verify
 
@@ -64,12 +69,15 @@ __all__ = [
     "BlobFileError",
     "BlobWriter",
     "CheckReport",
+    "CompiledModel",
     "CompressReport",
     "DestinationExistsError",
+    "DiffReport",
     "FormatError",
     "InvalidModelError",
     "ManifestError",
     "MilSurgeryError",
+    "MilTextError",
     "Package",
     "PackageError",
     "Pick",
@@ -87,16 +95,21 @@ __all__ = [
     "compare_weights",
     "compress",
     "dequantize",
+    "diff",
     "extract",
     "find_weights",
     "inspect_package",
     "iter_values",
     "memory_model",
     "merge",
+    "open_model",
     "open_package",
+    "parse_program",
     "parse_source",
+    "print_program",
     "remove",
     "rename",
+    "show",
     "shrink",
     "verify",
     "write_package",

@@ -256,6 +256,25 @@ def cmd_check(args) -> int:
     return 0 if report.valid else 1
 
 
+def cmd_show(args) -> int:
+    from .show import show
+
+    ops = [t for t in args.ops.split(",") if t] if args.ops else None
+    sys.stdout.write(show(args.package, args.functions, ops=ops, values=not args.no_values))
+    return 0
+
+
+def cmd_diff(args) -> int:
+    from .diff import diff, render_diff
+
+    report = diff(args.a, args.b, shapes=not args.ignore_shapes)
+    if args.json:
+        _print_json(report.to_dict())
+    else:
+        print(render_diff(report))
+    return 0 if report.identical else 1
+
+
 _NO_SYNC_HELP = (
     "do not flush OUT to disk (fsync) before it appears: faster; other programs still see OUT "
     "appear whole, but a power loss or system crash soon after may leave it incomplete"
@@ -346,6 +365,19 @@ def build_parser() -> argparse.ArgumentParser:
     _add_output_options(p, output=False)
     p.set_defaults(func=cmd_append)
 
+    p = sub.add_parser("show", help="print the program as text (model.mil syntax); reads no weight bytes")
+    p.add_argument("package", metavar="PKG")
+    p.add_argument("functions", nargs="*", metavar="FUNC", help="only these functions (default: all)")
+    p.add_argument("--ops", metavar="TYPE,...", help="only ops of these types")
+    p.add_argument("--no-values", action="store_true", help="elide immediate values of more than 16 elements")
+    p.set_defaults(func=cmd_show)
+
+    p = sub.add_parser("diff", help="how two functions differ: I/O, ops (aligned by structure), weight bytes (exit 1 if they differ)")
+    p.add_argument("a", metavar="A[:FUNC]")
+    p.add_argument("b", metavar="B[:FUNC]")
+    p.add_argument("--ignore-shapes", action="store_true", help="leave out differences that are only of shapes")
+    p.add_argument("--json", action="store_true", help="print the report as JSON")
+    p.set_defaults(func=cmd_diff)
     p = sub.add_parser("compress", help="palettize or quantize every distinct weight once, shared by all functions")
     p.add_argument("package", metavar="PKG")
     p.add_argument("-o", "--output", metavar="OUT.mlpackage")

@@ -15,6 +15,7 @@ __all__ = [
     "BlobFileError",
     "SpecError",
     "ManifestError",
+    "MilTextError",
     "PackageError",
     "UnsafePathError",
     "UsageError",
@@ -48,6 +49,15 @@ class SpecError(FormatError):
 
 class ManifestError(FormatError):
     """Manifest.json is missing, malformed or points outside the package."""
+
+
+class MilTextError(FormatError):
+    """model.mil (MIL as text) is malformed: the message names the file, line and column."""
+
+    def __init__(self, path: str | os.PathLike, line: int, column: int, message: str):
+        self.line, self.column = line, column
+        MilSurgeryError.__init__(self, f"{os.fspath(path)}" + (f": line {line}, column {column}" if line else "") + f": {message}")
+        self.path, self.offset = os.fspath(path), None
 
 
 class PackageError(MilSurgeryError):

@@ -14,6 +14,7 @@ from itertools import combinations
 from ._proto import milsurgery_spec_pb2 as pb
 from .check import check_model
 from .coalesce import BlobSource, group_identical
+from .compiled import open_model
 from .package import Package
 from .spec import op_type_histogram
 
@@ -81,7 +82,7 @@ def inspect_package(path: str | os.PathLike, *, duplicates: bool = True) -> dict
     reference the same record. ``duplicates`` searches for records with identical content at
     different offsets (what ``shrink`` would recover); it reads the bytes of colliding blobs only.
     """
-    with Package(path) as pkg:
+    with open_model(path) as pkg:
         return _inspect(pkg, duplicates)
 
 
@@ -168,6 +169,8 @@ def _inspect(pkg: Package, find_duplicates: bool) -> dict:
     return {
         "schema": JSON_SCHEMA_VERSION,
         "path": pkg.path,
+        "container": "mlmodelc" if getattr(pkg, "unrecovered", None) is not None else "mlpackage",
+        "unrecovered": list(getattr(pkg, "unrecovered", [])),
         "spec_version": pkg.model.specificationVersion,
         "spec_bytes": pkg.spec_size,
         "default_function": pkg.default_function,
@@ -220,6 +223,10 @@ def _size(n: int) -> str:
 def render_text(info: dict) -> str:
     """The human-readable form of :func:`inspect_package`'s result."""
     lines = [f"{info['path']}", f"  spec version {info['spec_version']}, default function {info['default_function']!r}"]
+    if info.get("container") == "mlmodelc":
+        lines.append("  compiled model (.mlmodelc): spec rebuilt from model.mil and metadata.json")
+        for note in info.get("unrecovered", []):
+            lines.append(f"  not recovered: {note}")
     if info["mixed_opsets"]:
         lines.append("  note: functions use different opsets")
     for v in info.get("violations", []):

@@ -32,6 +32,7 @@ import os
 from itertools import combinations
 
 from .coalesce import BlobSource, group_identical
+from .compiled import open_model
 from .errors import UsageError
 from .inspect import _size
 from .package import Package
@@ -70,7 +71,7 @@ def memory_model(
     """Model the weight memory of loading ``order``'s functions one at a time (see module doc)."""
     if isinstance(package, Package):
         return _model(package, order, page_size, duplicates)
-    with Package(package) as pkg:
+    with open_model(package) as pkg:
         return _model(pkg, order, page_size, duplicates)
 
 

@@ -3,66 +3,13 @@
 from __future__ import annotations
 
 import os
-from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
+from collections.abc import Sequence
 
-from .assemble import Pick, Progress, WriteReport, write_package
-from .errors import UsageError
+from .assemble import Progress, WriteReport, write_package
 from .package import Package
+from .sources import SourceSpec, parse_source, resolve_sources  # noqa: F401 (parse_source: public here too)
 
 __all__ = ["SourceSpec", "parse_source", "resolve_sources", "merge"]
-
-
-@dataclass(frozen=True)
-class SourceSpec:
-    """``PATH[:FUNC[=NEW]]``: a package, optionally one of its functions and a new name."""
-
-    path: str
-    function: str | None = None
-    new_name: str | None = None
-
-    def __str__(self) -> str:
-        text = self.path
-        if self.function is not None:
-            text += f":{self.function}"
-            if self.new_name is not None:
-                text += f"={self.new_name}"
-        return text
-
-
-def parse_source(text: str | os.PathLike | SourceSpec) -> SourceSpec:
-    """Parse ``PATH[:FUNC[=NEW]]``. A path that itself contains ``:`` is taken whole if it exists."""
-    if isinstance(text, SourceSpec):
-        return text
-    text = os.fspath(text)
-    if not isinstance(text, str) or not text:
-        raise UsageError(f"source must be a non-empty path, got {text!r}")
-    path, sep, func = text.rpartition(":")
-    if not sep or os.path.exists(text) or not path:
-        return SourceSpec(text)
-    func, eq, new = func.partition("=")
-    if not func or (eq and not new):
-        raise UsageError(f"source {text!r}: expected PATH[:FUNC[=NEW]]")
-    return SourceSpec(path, func, new if eq else None)
-
-
-def resolve_sources(
-    specs: Iterable[str | os.PathLike | SourceSpec], opened: dict[str, Package]
-) -> list[Pick]:
-    """Open each distinct package once (adding it to ``opened``) and list the picked functions."""
-    picks: list[Pick] = []
-    for spec in map(parse_source, specs):
-        key = os.path.realpath(spec.path)
-        pkg = opened.get(key)
-        if pkg is None:
-            pkg = opened[key] = Package(spec.path)
-        if spec.function is None:
-            picks.extend(Pick(pkg, name, name) for name in pkg.functions)
-        elif spec.function not in pkg.functions:
-            raise UsageError(f"{pkg.path}: no function {spec.function!r} (it has {pkg.functions})")
-        else:
-            picks.append(Pick(pkg, spec.function, spec.new_name or spec.function))
-    return picks
 
 
 def merge(

@@ -23,7 +23,8 @@ from .coalesce import BlobSource, Stats, group_identical
 from .errors import InvalidModelError, UsageError
 from .formats import DEFAULT_WEIGHT_REF, MAIN_FUNCTION, MULTIFUNCTION_SPEC_VERSION
 from .check import MODEL_LEVEL_IO, check_model
-from .merge import SourceSpec, resolve_sources
+from .sources import SourceSpec, resolve_sources
+from .compiled import open_model
 from .package import PARTIAL_MARKER, Package
 from .spec import iter_blob_refs
 
@@ -123,7 +124,7 @@ def extract(
     """
     if not functions:
         raise UsageError("extract needs at least one function")
-    with Package(package) as pkg:
+    with open_model(package) as pkg:
         picks = resolve_sources(
             [SourceSpec(pkg.path, *_split_rename(f)) for f in functions], {os.path.realpath(pkg.path): pkg}
         )

@@ -36,7 +36,8 @@ from .check import MODEL_LEVEL_IO
 from .coalesce import BlobSource, _same_bytes, _windows, blobs_equal
 from .errors import FormatError, MilSurgeryError, UsageError
 from .formats import MODEL_PATH_PREFIX, MULTIFUNCTION_SPEC_VERSION
-from .merge import SourceSpec, resolve_sources
+from .compiled import open_model
+from .sources import SourceSpec, resolve_sources
 from .package import Package, ResolvedRef
 from .spec import iter_blob_refs
 
@@ -290,13 +291,29 @@ def _description_differences(a: pb.FunctionDescription, b: pb.FunctionDescriptio
     return out
 
 
+def _recovered_description_differences(a: pb.FunctionDescription, b: pb.FunctionDescription) -> list[str]:
+    """Differences in what a compiled model's metadata.json records: names, kinds, array dtypes
+    and shapes, optionality of inputs, outputs and states."""
+    from .inspect import feature_summary
+
+    return [
+        f"description {name} differs"
+        for name in ("input", "output", "state")
+        if [feature_summary(f) for f in getattr(a, name)] != [feature_summary(f) for f in getattr(b, name)]
+    ]
+
+
 def _check(pkg: Package, name: str, pick: Pick, tolerance=None) -> FunctionCheck:
     src = pick.source
     check = FunctionCheck(function=name, source=f"{src.path}:{pick.name}")
     mine, theirs = pkg.function(name), src.function(pick.name)
     refs_a: list[ResolvedRef] = pkg.function_refs(name)
     refs_b: list[ResolvedRef] = src.function_refs(pick.name)
-    check.differences += _description_differences(pkg.descriptions[name], src.descriptions[pick.name])
+    if getattr(pkg, "unrecovered", None) is not None or getattr(src, "unrecovered", None) is not None:
+        # A compiled model's description is rebuilt from metadata.json: compare what it holds.
+        check.differences += _recovered_description_differences(pkg.descriptions[name], src.descriptions[pick.name])
+    else:
+        check.differences += _description_differences(pkg.descriptions[name], src.descriptions[pick.name])
     ba, bb = _blanked(mine), _blanked(theirs)
     if _serialized(ba) != _serialized(bb):
         # Maps are unordered (a package re-saved by coremltools writes them in its own order):
@@ -452,7 +469,11 @@ def verify_picks(pkg: Package, picks: Sequence[Pick], tolerance=None, *, default
             raise UsageError(f"{pkg.path}: no function {pick.new_name!r} to verify (it has {pkg.functions})")
         checks.append(_check(pkg, pick.new_name, pick, tolerance))
     sources = distinct_sources(list(picks))
-    return VerifyReport(pkg.path, checks, _check_attributes(pkg, sources), _package_differences(pkg, picks, default))
+    # A compiled model's spec is rebuilt from model.mil and metadata.json (version, description):
+    # what lies outside its functions is compared only between packages.
+    compiled = any(getattr(m, "unrecovered", None) is not None for m in (pkg, *sources))
+    outside = [] if compiled else _package_differences(pkg, picks, default)
+    return VerifyReport(pkg.path, checks, _check_attributes(pkg, sources), outside)
 
 
 def verify(
@@ -482,7 +503,7 @@ def verify(
     thresholds = adoption_options(tolerance, None, min_cosine, max_mean_abs, max_abs, False)
     opened: dict[str, Package] = {}
     try:
-        with Package(package) as pkg:
+        with open_model(package) as pkg:
             picks = resolve_sources(against, opened)
             return verify_picks(pkg, picks, thresholds, default=default)
     finally:

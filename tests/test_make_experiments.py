@@ -63,8 +63,9 @@ def test_every_combination_is_a_package_with_its_functions(made):
         with Package(at(made, e["path"])) as pkg:
             assert pkg.functions == [f"f{i}" for i in range(e["n_functions"])] == e["functions"]
             assert pkg.default_function == "f0"
-            for f in pkg.functions:
-                assert list(pkg.descriptions[f].input[0].type.multiArrayType.shape) == [1, 8, HIDDEN]
+            for i, f in enumerate(pkg.functions):  # f0 takes --seq positions, fI --seq << I
+                assert list(pkg.descriptions[f].input[0].type.multiArrayType.shape) == [1, 8 << i, HIDDEN]
+            assert e["seq_lens"] == {f"f{i}": 8 << i for i in range(e["n_functions"])}
 
 
 def test_shared_fraction_is_what_the_memory_model_sees(made):
@@ -147,9 +148,11 @@ def test_printed_mac_command_measures_the_whole_plan(made):
     assert "macOS 15+" in made["stdout"]
     args = load_memory.parse_args(words[2:] + ["--plan-only"])
     plan = load_memory.build_plan(args)
-    assert len(plan) == len(NAMES) * 3 * 2  # packages x default compute units x (merged, separate)
-    first = plan[:2]
-    assert [c["mode"] for c in first] == ["merged", "separate"]
+    assert len(plan) == len(NAMES) * 3 * 2 * 2  # packages x default compute units x (merged, separate) x (cold, warm)
+    first = plan[:4]
+    assert [(c["mode"], c["phase"]) for c in first] == [
+        ("merged", "cold"), ("merged", "warm"), ("separate", "cold"), ("separate", "warm")]
+    first = [first[0], first[2]]
     assert [ld["path"] for ld in first[1]["loads"]] == [
         at(made, f"{os.path.basename(first[0]['package'])[:-len('.mlpackage')]}.separate/f{i}.mlpackage")
         for i in range(len(first[0]["functions"]))]
@@ -183,3 +186,31 @@ def test_existing_packages_need_force(tmp_path):
     assert (tmp_path / "plan.json").read_text() == before
     assert run_main(argv + ["--force"])[0] == 0
     assert json.loads((tmp_path / "plan.json").read_text())["packages"][0]["name"] == "n2-s050-fp16-0.05mib-h32"
+
+
+def test_separate_packages_are_different_programs_even_when_everything_is_shared(made):
+    """At --shared 1 every function uses the same weights; only the sequence lengths tell the
+    functions apart, so that a content-keyed cache cannot serve one separate package for another."""
+    from checks import ct_spec
+
+    for e in entries(made):
+        if e["shared_fraction"] != 1:
+            continue
+        specs = [ct_spec(at(made, rel)) for rel in e["separate"].values()]
+        shapes = [list(s.description.input[0].type.multiArrayType.shape) for s in specs]  # coremltools' reader
+        assert shapes == [[1, 8 << i, HIDDEN] for i in range(e["n_functions"])]
+        programs = [s.mlProgram.SerializeToString(deterministic=True) for s in specs]
+        assert len(set(programs)) == len(programs)
+
+
+@pytest.mark.parametrize("bad, message", [
+    (["--shared", "0.501,0.504"], "--shared 0.501 and 0.504 give the same package name n2-s050-fp16-64mib-h1024"),
+    (["--size-mib", "64,64.0000001"], "--size-mib 64.0 and 64.0000001 give the same package name"),
+    (["--functions", "20"], "exceeds 65536"),
+])
+def test_values_giving_one_name_are_a_usage_error(bad, message, tmp_path, capsys):
+    with pytest.raises(SystemExit) as exc:
+        mx.parse_args(["--out", str(tmp_path)] + bad)
+    assert exc.value.code == 2
+    assert message in capsys.readouterr().err
+    assert not list(tmp_path.iterdir())

@@ -165,15 +165,15 @@ def test_name_clash_names_both_sources(fx, tmp_path):
 def test_same_source_opened_once(fx, tmp_path, monkeypatch):
     import importlib
 
-    m = importlib.import_module("milsurgery.merge")  # the package's `merge` attribute is the function
+    m = importlib.import_module("milsurgery.sources")  # where merge's sources are opened
     opened = []
-    real = m.Package
+    real = m.open_model
 
     def counting(path):
         opened.append(path)
         return real(path)
 
-    monkeypatch.setattr(m, "Package", counting)
+    monkeypatch.setattr(m, "open_model", counting)
     merge([f"{fx['multi']}:a", f"{fx['multi']}:b=bee", f"{fx['multi']}:a=again"], tmp_path / "m.mlpackage", default="bee")
     assert len(opened) == 1
     with Package(tmp_path / "m.mlpackage") as pkg:

@@ -1,0 +1,116 @@
+"""Show benchmark: the program as text with ``milsurgery show`` vs coremltools, in one run.
+
+coremltools prints a program only as its pymil ``Program``: its milproto loader
+(``coremltools.converters.mil.frontend.milproto.load.load``, given the spec and the weights
+directory) builds every op and gives each weight a numpy value, then ``str(program)`` prints it.
+``milsurgery show`` parses the spec and the blob records and prints, reading no weight bytes.
+Each tool runs in its own process on the same LLM-like package (the ``infer`` package of
+``merge_bench.py``: sequence length 1, 32k vocabulary; cached in ``--workdir``), in
+``--repeat`` shuffled rounds with a warm page cache; the median wall time and the peak RSS
+(VmHWM) are printed with the ratios. Run from the repository root::
+
+    python bench/show_bench.py --sizes 256,1024 --repeat 3
+
+Needs coremltools (``pip install '.[test]'``) to build the inputs and run the reference.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(HERE)
+sys.path.insert(0, HERE)
+
+from merge_bench import VOCAB, layers_for, run_interleaved, warm, weight_bin  # noqa: E402
+
+REFERENCE = """
+import os, sys
+import coremltools as ct
+from coremltools.converters.mil.frontend.milproto.load import load
+spec = ct.utils.load_spec(sys.argv[1])
+weights = os.path.join(sys.argv[1], "Data", "com.apple.CoreML", "weights")
+program = load(spec, spec.specificationVersion, weights)
+sys.stdout.write(str(program))
+"""
+
+TOOLS = ("coremltools", "milsurgery show")
+
+
+def build_infer(workdir: str, size_mib: int) -> str:
+    """The ``infer`` package of ``merge_bench.py`` for a size, built once (in a child process)."""
+    hidden, ffn, layers = layers_for(size_mib)
+    path = os.path.join(workdir, f"llm-{size_mib}m-h{hidden}-l{layers}-infer.mlpackage")
+    if not os.path.isdir(path):
+        print(f"building {path} ...", file=sys.stderr, flush=True)
+        tmp = path[: -len(".mlpackage")] + "-building.mlpackage"
+        shutil.rmtree(tmp, ignore_errors=True)
+        build = (
+            "import sys; sys.path.insert(0, sys.argv[1]); from ct_models import llm_like; "
+            "llm_like(sys.argv[2], seq_len=1, vocab=int(sys.argv[3]), hidden=int(sys.argv[4]), "
+            "ffn=int(sys.argv[5]), layers=int(sys.argv[6]), seed=0)"
+        )
+        subprocess.run(
+            [sys.executable, "-c", build, os.path.join(ROOT, "tests"), tmp, str(VOCAB), str(hidden), str(ffn), str(layers)],
+            check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        )
+        os.rename(tmp, path)
+    return path
+
+
+def run_size(workdir: str, size_mib: int, repeat: int) -> dict:
+    pkg = build_infer(workdir, size_mib)
+    warm(pkg)
+    spec = os.path.join(pkg, "Data", "com.apple.CoreML", "model.mlmodel")
+    tools = {
+        "coremltools": ([sys.executable, "-c", REFERENCE, pkg], lambda: warm(pkg), spec),
+        "milsurgery show": ([sys.executable, "-m", "milsurgery", "show", pkg], lambda: warm(pkg), spec),
+    }
+    result = {"size_mib": size_mib, "repeat": repeat, "weight_bytes": os.path.getsize(weight_bin(pkg))}
+    result.update(run_interleaved(tools, repeat, seed=size_mib))
+    for t in TOOLS:
+        result[t].pop("output_bytes", None)
+    result["speedup"] = round(result["coremltools"]["seconds"] / result["milsurgery show"]["seconds"], 1)
+    result["rss_ratio"] = round(result["coremltools"]["peak_rss_mib"] / result["milsurgery show"]["peak_rss_mib"], 1)
+    return result
+
+
+def render(results: list[dict]) -> str:
+    lines = ["| MiB of weights | tool | wall s (median) | runs s | peak RSS MiB |", "|---|---|---|---|---|"]
+    for r in results:
+        for tool in TOOLS:
+            t = r[tool]
+            runs = " ".join(f"{x:.2f}" for x in t["runs_seconds"])
+            lines.append(f"| {r['size_mib']} | {tool} | {t['seconds']:.2f} | {runs} | {t['peak_rss_mib']:.0f} |")
+    lines.append("")
+    for r in results:
+        lines.append(f"{r['size_mib']} MiB: milsurgery show is {r['speedup']}x faster with {r['rss_ratio']}x less peak RSS")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--sizes", default="256", help="MiB of weights, comma-separated (default 256)")
+    parser.add_argument("--workdir", default=os.path.join(HERE, "out"), help="where inputs are cached")
+    parser.add_argument("--repeat", type=int, default=3, help="timed runs per tool (median reported)")
+    parser.add_argument("--json", metavar="FILE", help="also write the results as JSON")
+    args = parser.parse_args(argv)
+    if args.repeat < 1:
+        parser.error("--repeat must be at least 1")
+    os.makedirs(args.workdir, exist_ok=True)
+    os.environ["PYTHONPATH"] = ROOT + os.pathsep + os.environ.get("PYTHONPATH", "")
+    results = [run_size(args.workdir, int(s), args.repeat) for s in args.sizes.split(",")]
+    print(render(results))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(results, f, indent=2)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
