@@ -7,6 +7,7 @@ byte-exactly, and copies weight bytes file to file so memory stays flat.
 
 from .assemble import Pick, WriteReport, write_package
 from .blobfile import Blob, BlobFile, BlobWriter
+from .check import CheckReport, check
 from .compiled import CompiledModel, open_model
 from .diff import DiffReport, diff
 from .compress import CompressReport, compress
@@ -14,6 +15,7 @@ from .errors import (
     BlobFileError,
     DestinationExistsError,
     FormatError,
+    InvalidModelError,
     ManifestError,
     MilSurgeryError,
     MilTextError,
@@ -68,11 +70,13 @@ __all__ = [
     "BlobFile",
     "BlobFileError",
     "BlobWriter",
+    "CheckReport",
     "CompiledModel",
     "CompressReport",
     "DestinationExistsError",
     "DiffReport",
     "FormatError",
+    "InvalidModelError",
     "ManifestError",
     "MilSurgeryError",
     "MilTextError",
@@ -90,6 +94,7 @@ __all__ = [
     "WriteError",
     "WriteReport",
     "append",
+    "check",
     "compare_weights",
     "compress",
     "dequantize",

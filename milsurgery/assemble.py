@@ -11,7 +11,8 @@ pick and what they call them. :func:`write_package` takes those picks and:
 4. copies one blob per content, file to file, into the output's single ``weight.bin`` and points
    every reference at it; the comparisons of step 3 run in a second thread while step 4 copies
    the blobs already known to be first of their content;
-5. writes spec and manifest and renames the staged package into place.
+5. writes spec and manifest, checks the staged package against Core ML's spec rules
+   (:mod:`milsurgery.check`) and renames it into place.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from dataclasses import asdict, dataclass, field
 
 from ._proto import milsurgery_spec_pb2 as pb
 from .blobfile import BlobWriter
+from .check import check_staged
 from .coalesce import BlobSource, ConcurrentGrouping, Stats, blobs_equal
 from .errors import UsageError
 from .formats import (
@@ -185,6 +187,8 @@ def build_model(
     desc = out.description
     for name in ("input", "output", "state", "functions"):
         desc.ClearField(name)
+    if not single:
+        desc.ClearField("trainingInput")  # a multi-function model has no model-level I/O at all
     desc.ClearField("predictedFeatureName")
     desc.ClearField("predictedProbabilitiesName")
     desc.ClearField("defaultFunctionName")
@@ -249,13 +253,22 @@ def build_model(
         _set_io(desc, p.source.descriptions[p.name])
         out.specificationVersion = _function_spec_version(picks[0])
     else:
-        # Model-level I/O mirrors the default function, as coremltools writes it.
-        _set_io(desc, next(f for f in desc.functions if f.name == default))
+        # Model-level input, output, state, predicted names and training input stay empty: Apple's
+        # validator refuses them in a multi-function model (see milsurgery.check), and
+        # coremltools' save_multifunction leaves them empty too.
         desc.defaultFunctionName = default
         out.specificationVersion = max([MULTIFUNCTION_SPEC_VERSION, *versions])
     if spec_version is not None:
         out.specificationVersion = spec_version
     return out, pairs
+
+
+def _check_staged(tmp: str, dest: str, check: Callable[[str], None] | None) -> None:
+    """Core ML's rules on every package written (an invalid one is an internal error, never
+    published), then the caller's own check."""
+    check_staged(tmp, dest)
+    if check is not None:
+        check(tmp)
 
 
 def write_package(
@@ -273,7 +286,8 @@ def write_package(
 ) -> WriteReport:
     """Write a new package holding ``picks`` to ``dest`` atomically; see the module docstring.
 
-    ``sync=False`` skips flushing the output to disk (see :class:`StagedPackage`). ``check`` is
+    The staged package must pass :func:`milsurgery.check.check_staged` (Core ML's spec rules)
+    before it is moved into place. ``sync=False`` skips flushing the output to disk (see :class:`StagedPackage`). ``check`` is
     called with the staged package's directory before it is moved into place; an exception from
     it leaves ``dest`` as it was (see :meth:`StagedPackage.commit`). ``adjust(model, pairs)``,
     called once the output spec is built, may return the pairs with some references paired with
@@ -324,7 +338,7 @@ def write_package(
         for (ref, _), c in zip(pairs, canonical):
             ref.value.blobFileValue.fileName = DEFAULT_WEIGHT_REF
             ref.value.blobFileValue.offset = offsets[c]
-        staged.commit(model, check=check)
+        staged.commit(model, check=lambda tmp: _check_staged(tmp, report.output, check))
     first_index: dict[tuple[int, int], int] = {}
     for i, src in enumerate(sources):
         first_index.setdefault(src.key, i)

@@ -1,6 +1,6 @@
 """The ``milsurgery`` command line: parses arguments, calls the library, prints.
 
-Exit status: 0 success; 1 ``verify`` found a difference; 2 any error (one line on stderr,
+Exit status: 0 success; 1 ``verify`` found a difference or ``check`` a violation; 2 any error (one line on stderr,
 ``milsurgery: error: ...``; ``--debug`` adds the traceback); 130 interrupted (SIGINT), 143
 terminated (SIGTERM), partial outputs removed.
 """
@@ -216,15 +216,19 @@ def cmd_verify(args) -> int:
     from .verify import verify
 
     report = verify(args.package, args.against, tolerance=args.tolerance, min_cosine=args.min_cosine,
-                    max_mean_abs=args.max_mean_abs, max_abs=args.max_abs)
+                    max_mean_abs=args.max_mean_abs, max_abs=args.max_abs, default=args.default)
     if args.json:
         _print_json(report.to_dict())
     else:
+        for d in report.package_differences:
+            print(f"package: DIFFERS: {d}")
         for c in report.checks:
             status = "equivalent" if c.equivalent else "DIFFERS"
             print(f"{c.function}: {status} to {c.source} ({c.blobs_compared} blobs, {c.bytes_compared} bytes compared)")
             for d in c.differences:
                 print(f"  {d}")
+            for n in c.notes:
+                print(f"  note: {n}")
             for t in c.tolerated:
                 m = t["metrics"]
                 print(f"  within tolerance: op {t['op']!r} ({t['kind']}): cosine {m['cosine']:.9f}, mean |delta| "
@@ -235,6 +239,21 @@ def cmd_verify(args) -> int:
             else:
                 print(f"program attribute {a.key!r}: DIFFERS\n  {a.difference}")
     return 0 if report.equivalent else 1
+
+
+def cmd_check(args) -> int:
+    from .check import check
+
+    report = check(args.package)
+    if args.json:
+        _print_json(report.to_dict())
+    elif report.valid:
+        print(f"{report.path}: valid")
+    else:
+        print(f"{report.path}: {len(report.violations)} violation(s) of Core ML's rules:")
+        for v in report.violations:
+            print(f"  {v}")
+    return 0 if report.valid else 1
 
 
 def cmd_show(args) -> int:
@@ -385,10 +404,16 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("verify", help="prove functions of PKG equal their sources (exit 1 if not)")
     p.add_argument("package", metavar="PKG")
     p.add_argument("--against", nargs="+", required=True, metavar="SRC[:FUNC[=NEW]]")
+    p.add_argument("--default", metavar="NAME", help="the default function PKG must have (otherwise: the first source function, or a source's default)")
     p.add_argument("--json", action="store_true", help="print the report as JSON")
     p.add_argument("--tolerance", action="store_true", help="a weight whose blobs differ passes when its dequantized values meet the thresholds")
     _add_threshold_options(p)
     p.set_defaults(func=cmd_verify)
+
+    p = sub.add_parser("check", help="apply Core ML's spec rules to PKG offline (exit 1 listing each violation)")
+    p.add_argument("package", metavar="PKG", help="an .mlpackage directory or a model.mlmodel spec file")
+    p.add_argument("--json", action="store_true", help="print the report as JSON")
+    p.set_defaults(func=cmd_check)
     return parser
 
 

@@ -2,7 +2,8 @@
 
 Builds two single-function packages from the same weights (``infer`` at sequence length 1 and
 ``prefill`` at 16, as a converter would produce them), merges them into one multi-function
-package with weights coalesced, verifies the result against the sources and shows ``inspect``.
+package with weights coalesced, verifies the result against the sources, checks it against Core
+ML's spec rules and shows ``inspect``.
 Needs only milsurgery's runtime dependencies.
 """
 
@@ -13,6 +14,7 @@ import os
 import sys
 import tempfile
 
+from .check import check as validity
 from .inspect import inspect_package, render_text
 from .merge import merge
 from .synth import build_llm_like
@@ -41,6 +43,7 @@ def main(argv: list[str] | None = None) -> int:
         )
         check = verify(out, [f"{infer}:main=infer", f"{prefill}:main=prefill"])
         print(f"verify: {check.summary()}")
+        print(f"check (Core ML's spec rules): {validity(out).summary()}")
         print(f"\n$ milsurgery inspect {out}")
         print(render_text(inspect_package(out)))
     return 0

@@ -22,6 +22,7 @@ __all__ = [
     "DestinationExistsError",
     "PackageLockedError",
     "WriteError",
+    "InvalidModelError",
 ]
 
 
@@ -82,3 +83,18 @@ class PackageLockedError(UsageError):
 
 class WriteError(MilSurgeryError):
     """Writing the output failed (disk full, permission denied...); nothing was left behind."""
+
+
+class InvalidModelError(MilSurgeryError):
+    """A package about to be written breaks rules Core ML applies to a spec (see
+    :mod:`milsurgery.check`); it was not published. An internal error: milsurgery should never
+    produce one."""
+
+    def __init__(self, path: str | os.PathLike, violations: list):
+        self.path = os.fspath(path)
+        self.violations = list(violations)
+        listed = "; ".join(str(v) for v in self.violations)
+        super().__init__(
+            f"{self.path}: internal error: the package written breaks Core ML's rules (a milsurgery "
+            f"bug, unless a source breaks them too), so it was not kept: {listed}"
+        )

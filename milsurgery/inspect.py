@@ -1,5 +1,6 @@
 """``inspect``: what a package holds, which bytes each function references, what is shared.
 
+``violations`` lists the rules of Core ML's validator the spec breaks (:mod:`milsurgery.check`).
 Everything except the duplicate search comes from the spec and the 64-byte blob records: no
 weight bytes are read. The duplicate search hashes only blobs whose dtype and size collide.
 The dictionary :func:`inspect_package` returns is the stable ``--json`` output (see README).
@@ -11,6 +12,7 @@ import os
 from itertools import combinations
 
 from ._proto import milsurgery_spec_pb2 as pb
+from .check import check_model
 from .coalesce import BlobSource, group_identical
 from .compiled import open_model
 from .package import Package
@@ -195,6 +197,9 @@ def _inspect(pkg: Package, find_duplicates: bool) -> dict:
         "duplicate_bytes": sum(g["recoverable_bytes"] for g in dup_groups) if find_duplicates else None,
         "unreferenced": unreferenced,
         "unreferenced_bytes": sum(u["bytes"] for u in unreferenced),
+        "violations": [
+            {"rule": v.rule, "message": v.message, "where": v.where} for v in check_model(pkg.model)
+        ],
         "metadata": {
             "shortDescription": meta.shortDescription,
             "versionString": meta.versionString,
@@ -239,6 +244,10 @@ def render_text(info: dict) -> str:
             lines.append(f"  not recovered: {note}")
     if info["mixed_opsets"]:
         lines.append("  note: functions use different opsets")
+    for v in info.get("violations", []):
+        lines.append(f"  NOT VALID for Core ML: {v['where']}: {v['message']}")
+        if v["rule"] == "validateModelLevelFeatureDescriptionsAreEmpty":
+            lines.append("    (written by an earlier milsurgery? `milsurgery shrink` rewrites it without model-level I/O)")
     for f in info["functions"]:
         lines.append(
             f"  function {f['name']!r}{' (default)' if f['default'] else ''}: opset {', '.join(f['opset'])}, "

@@ -65,7 +65,8 @@ def merge(
             from .verify import verify_staged
 
             dest = os.path.abspath(os.fspath(out))
-            check = lambda staged: verify_staged(staged, dest, picks, tolerance=thresholds)  # noqa: E731
+            expected_default = default if default is not None else (picks[0].new_name if picks else None)
+            check = lambda staged: verify_staged(staged, dest, picks, tolerance=thresholds, default=expected_default)  # noqa: E731
         report = write_package(out, picks, default=default, force=force, sync=sync, progress=progress, check=check,
                                adjust=plan.apply if plan else None)
         if plan is not None:

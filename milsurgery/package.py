@@ -73,6 +73,7 @@ __all__ = [
     "open_input",
     "read_input",
     "check_destination",
+    "locate_spec",
     "PARTIAL_MARKER",
 ]
 
@@ -261,13 +262,10 @@ class Package:
         return (st.st_dev, st.st_ino)
 
     def _open_once(self) -> None:
-        self._root_real = os.path.realpath(self.path)
         self._by_identity: dict[tuple[int, int], BlobFile] = {}
         self._functions_cache: dict[str, pb.Function] | None = None
         self._refs_by_function: dict[str, list[ResolvedRef]] | None = None
-        self.manifest_path = os.path.join(self.path, MANIFEST_NAME)
-        self.manifest = self._read_manifest()
-        self.spec_path = self._spec_path_from_manifest()
+        self._locate_spec()
         self.weights_dir = os.path.join(os.path.dirname(self.spec_path), WEIGHTS_NAME)
         spec_path = self.spec_path
         data = read_input(
@@ -279,6 +277,16 @@ class Package:
         self.functions = list(self.descriptions)
         self.default_function = default_function(self.model)
         self.refs = [self._resolve(ref) for ref in iter_blob_refs(self.model)]
+
+    def _locate_spec(self) -> None:
+        """Read and validate Manifest.json; set ``manifest`` and ``spec_path``."""
+        if not os.path.isdir(self.path):
+            what = "does not exist" if not os.path.exists(self.path) else "is not a directory"
+            raise PackageError(f"{self.path}: package {what}")
+        self._root_real = os.path.realpath(self.path)
+        self.manifest_path = os.path.join(self.path, MANIFEST_NAME)
+        self.manifest = self._read_manifest()
+        self.spec_path = self._spec_path_from_manifest()
 
     def _read_manifest(self) -> dict:
         path = self.manifest_path
@@ -486,6 +494,17 @@ class Package:
 
     def __repr__(self) -> str:
         return f"Package({self.path!r}, functions={self.functions})"
+
+
+def locate_spec(path: str | os.PathLike) -> str:
+    """The spec file of the package at ``path``, found through its Manifest.json (validated as
+    when opening). Reads only Manifest.json: for callers that must read a spec that opening the
+    package would refuse."""
+    pkg = Package.__new__(Package)
+    pkg.path = os.path.abspath(os.fspath(path))
+    pkg.blob_files = {}
+    pkg._locate_spec()
+    return pkg.spec_path
 
 
 def open_package(path: str | os.PathLike) -> Package:

@@ -21,8 +21,9 @@ from .assemble import Pick, Progress, WriteReport, _blob_refs_of, _set_io, write
 from .atomic import exchange_paths, replace_file
 from .blobfile import BlobWriter, restore_blob_file
 from .coalesce import BlobSource, Stats, group_identical
-from .errors import UsageError
+from .errors import InvalidModelError, UsageError
 from .formats import DEFAULT_WEIGHT_REF, MAIN_FUNCTION, MULTIFUNCTION_SPEC_VERSION
+from .check import MODEL_LEVEL_IO, check_model
 from .sources import SourceSpec, resolve_sources
 from .compiled import open_model
 from .lock import edit_lock
@@ -280,6 +281,10 @@ def _append(pkg: Package, sources, opened, progress, start) -> WriteReport:
         main = pkg.descriptions[MAIN_FUNCTION]
         desc.functions.append(main)
         desc.defaultFunctionName = MAIN_FUNCTION
+    # A multi-function model has no model-level I/O (Apple's validator refuses it): main's moved
+    # into its FunctionDescription above, and what an earlier milsurgery left there goes.
+    for name in MODEL_LEVEL_IO:
+        desc.ClearField(name)
     versions = [model.specificationVersion, MULTIFUNCTION_SPEC_VERSION]
     pairs = []
     for p in picks:
@@ -320,10 +325,13 @@ def _append(pkg: Package, sources, opened, progress, start) -> WriteReport:
         ref.value.blobFileValue.fileName = DEFAULT_WEIGHT_REF
         ref.value.blobFileValue.offset = offsets[c]
     try:
+        violations = check_model(model)
+        if violations:
+            raise InvalidModelError(pkg.path, violations)
         replace_file(pkg.spec_path, model.SerializeToString())
     except Exception:
-        # The old spec is still in place: take the appended blobs back out of weight.bin so the
-        # package is byte-identical to before.
+        # The old spec is still in place (also when the new one breaks Core ML's rules): take the
+        # appended blobs back out of weight.bin so the package is byte-identical to before.
         restore_blob_file(target.path, target.count, target.file_size)
         raise
     _checkpoint("spec")

@@ -161,6 +161,24 @@ def test_cli_fails_cleanly_and_touches_nothing(corpus, name, command, capsys):
     assert {p: snapshot(p) for p in (bad, good, outside)} == before  # nothing outside was written either
 
 
+@pytest.mark.parametrize("name", CASES)
+def test_check_never_calls_a_malformed_package_valid(corpus, name, capsys):
+    """``check`` exits 1 (a rule of Core ML's is broken) or 2 (one line naming the faulty file),
+    never 0, and touches nothing."""
+    cases, _good = corpus
+    case, bad = cases[name]
+    before = snapshot(bad)
+    rc = main(["check", bad])
+    captured = capsys.readouterr()
+    assert rc in (1, 2), captured
+    if rc == 2:
+        lines = captured.err.splitlines()
+        assert len(lines) == 1 and lines[0].startswith("milsurgery: error: ") and os.path.join(bad, case.faulty) in lines[0]
+    else:
+        assert "violation" in captured.out
+    assert snapshot(bad) == before
+
+
 @pytest.mark.parametrize("name", ["weights-bad-sentinel-later", "manifest-not-json", "ref-symlink-out-of-package"])
 def test_cli_process_exits_2_without_traceback(corpus, name):
     cases, good = corpus
