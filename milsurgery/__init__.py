@@ -8,6 +8,7 @@ byte-exactly, and copies weight bytes file to file so memory stays flat.
 from .assemble import Pick, WriteReport, write_package
 from .blobfile import Blob, BlobFile, BlobWriter
 from .completion import completion
+from .check import CheckReport, check
 from .compiled import CompiledModel, open_model
 from .diff import DiffReport, diff
 from .compress import CompressReport, compress
@@ -15,10 +16,12 @@ from .errors import (
     BlobFileError,
     DestinationExistsError,
     FormatError,
+    InvalidModelError,
     ManifestError,
     MilSurgeryError,
     MilTextError,
     PackageError,
+    PackageLockedError,
     SpecError,
     UnsafePathError,
     UsageError,
@@ -28,8 +31,9 @@ from . import coreml, inspect
 from .inspect import inspect_package
 from .memory import memory_model
 from .merge import merge, parse_source
+from .lock import edit_lock
 from .miltext import parse_program, print_program
-from .package import Package, open_package
+from .package import Package, open_package, read_input
 from .show import show
 from .surgery import append, extract, remove, rename, shrink
 from .verify import VerificationFailed, VerifyReport, verify
@@ -68,16 +72,19 @@ __all__ = [
     "BlobFile",
     "BlobFileError",
     "BlobWriter",
+    "CheckReport",
     "CompiledModel",
     "CompressReport",
     "DestinationExistsError",
     "DiffReport",
     "FormatError",
+    "InvalidModelError",
     "ManifestError",
     "MilSurgeryError",
     "MilTextError",
     "Package",
     "PackageError",
+    "PackageLockedError",
     "Pick",
     "SpecError",
     "Thresholds",
@@ -89,11 +96,13 @@ __all__ = [
     "WriteError",
     "WriteReport",
     "append",
+    "check",
     "compare_weights",
     "completion",
     "compress",
     "dequantize",
     "diff",
+    "edit_lock",
     "extract",
     "find_weights",
     "inspect",
@@ -106,6 +115,7 @@ __all__ = [
     "parse_program",
     "parse_source",
     "print_program",
+    "read_input",
     "remove",
     "rename",
     "show",

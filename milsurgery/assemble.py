@@ -11,7 +11,8 @@ pick and what they call them. :func:`write_package` takes those picks and:
 4. copies one blob per content, file to file, into the output's single ``weight.bin`` and points
    every reference at it; the comparisons of step 3 run in a second thread while step 4 copies
    the blobs already known to be first of their content;
-5. writes spec and manifest and renames the staged package into place.
+5. writes spec and manifest, checks the staged package against Core ML's spec rules
+   (:mod:`milsurgery.check`) and renames it into place.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from dataclasses import asdict, dataclass, field
 
 from ._proto import milsurgery_spec_pb2 as pb
 from .blobfile import BlobWriter
+from .check import check_staged
 from .coalesce import BlobSource, ConcurrentGrouping, Stats, blobs_equal
 from .errors import UsageError
 from .formats import (
@@ -33,7 +35,7 @@ from .formats import (
     WEIGHT_FILE_NAME,
 )
 from .package import Package, ResolvedRef, StagedPackage
-from .spec import BlobRef, blanked_value, iter_blob_refs, iter_function_values, values_in_value
+from .spec import BlobRef, blanked_value, iter_function_values, values_in_value
 
 __all__ = ["Pick", "WriteReport", "build_model", "write_package", "values_equal", "distinct_sources", "Progress"]
 
@@ -48,6 +50,17 @@ class Pick:
     source: Package
     name: str
     new_name: str
+
+    def __post_init__(self) -> None:
+        # A name from a command line may hold undecodable bytes (as lone surrogates), which a
+        # protobuf string cannot store: refuse it here, where every writer's names pass.
+        try:
+            self.new_name.encode("utf-8")
+        except UnicodeEncodeError as exc:
+            raise UsageError(
+                f"function name {self.new_name!r} (for {self.name!r} of {self.source.path}) is not valid "
+                f"UTF-8 at character {exc.start}"
+            ) from None
 
 
 @dataclass
@@ -123,6 +136,12 @@ def values_equal(a: Package, va: pb.Value, b: Package, vb: pb.Value, where: str)
     return all(blobs_equal(BlobSource(ra.file, ra.blob), BlobSource(rb.file, rb.blob)) for ra, rb in pairs)
 
 
+def _blob_refs_of(name: str, function: pb.Function) -> list[BlobRef]:
+    """The blob references of one function of a spec, in the order ``iter_blob_refs`` gives them
+    (walking only that function: walking the program per function would be quadratic)."""
+    return [r for r in iter_function_values(name, function) if r.value.WhichOneof("value") == "blobFileValue"]
+
+
 def _set_io(target, desc: pb.FunctionDescription) -> None:
     """Copy a function's I/O onto a ModelDescription or FunctionDescription."""
     for name in ("input", "output", "state"):
@@ -149,9 +168,10 @@ def build_model(
     if not picks:
         raise UsageError("no functions selected")
     names = [p.new_name for p in picks]
-    for i, p in enumerate(picks):
-        if p.new_name in names[:i]:
-            first = picks[names.index(p.new_name)]
+    first_of: dict[str, Pick] = {}
+    for p in picks:
+        first = first_of.setdefault(p.new_name, p)
+        if first is not p:
             raise UsageError(
                 f"two functions would be named {p.new_name!r}: {first.name!r} from {first.source.path} "
                 f"and {p.name!r} from {p.source.path}"
@@ -169,6 +189,8 @@ def build_model(
     desc = out.description
     for name in ("input", "output", "state", "functions"):
         desc.ClearField(name)
+    if not single:
+        desc.ClearField("trainingInput")  # a multi-function model has no model-level I/O at all
     desc.ClearField("predictedFeatureName")
     desc.ClearField("predictedProbabilitiesName")
     desc.ClearField("defaultFunctionName")
@@ -219,7 +241,7 @@ def build_model(
     for p in picks:
         entry = out.mlProgram.functions.add(key=MAIN_FUNCTION if single else p.new_name)
         entry.value.CopyFrom(p.source.function(p.name))
-        new_refs = list(iter_blob_refs(out, functions=[entry.key]))
+        new_refs = _blob_refs_of(entry.key, entry.value)
         src_refs = p.source.function_refs(p.name)
         assert len(new_refs) == len(src_refs), "a copied function must walk like its source"
         pairs.extend(zip(new_refs, src_refs))
@@ -233,13 +255,22 @@ def build_model(
         _set_io(desc, p.source.descriptions[p.name])
         out.specificationVersion = _function_spec_version(picks[0])
     else:
-        # Model-level I/O mirrors the default function, as coremltools writes it.
-        _set_io(desc, next(f for f in desc.functions if f.name == default))
+        # Model-level input, output, state, predicted names and training input stay empty: Apple's
+        # validator refuses them in a multi-function model (see milsurgery.check), and
+        # coremltools' save_multifunction leaves them empty too.
         desc.defaultFunctionName = default
         out.specificationVersion = max([MULTIFUNCTION_SPEC_VERSION, *versions])
     if spec_version is not None:
         out.specificationVersion = spec_version
     return out, pairs
+
+
+def _check_staged(tmp: str, dest: str, check: Callable[[str], None] | None) -> None:
+    """Core ML's rules on every package written (an invalid one is an internal error, never
+    published), then the caller's own check."""
+    check_staged(tmp, dest)
+    if check is not None:
+        check(tmp)
 
 
 def write_package(
@@ -257,7 +288,8 @@ def write_package(
 ) -> WriteReport:
     """Write a new package holding ``picks`` to ``dest`` atomically; see the module docstring.
 
-    ``sync=False`` skips flushing the output to disk (see :class:`StagedPackage`). ``check`` is
+    The staged package must pass :func:`milsurgery.check.check_staged` (Core ML's spec rules)
+    before it is moved into place. ``sync=False`` skips flushing the output to disk (see :class:`StagedPackage`). ``check`` is
     called with the staged package's directory before it is moved into place; an exception from
     it leaves ``dest`` as it was (see :meth:`StagedPackage.commit`). ``adjust(model, pairs)``,
     called once the output spec is built, may return the pairs with some references paired with
@@ -277,14 +309,18 @@ def write_package(
         references=len(pairs),
         warnings=warnings,
     )
-    for p in picks:
-        if os.path.realpath(report.output) == os.path.realpath(p.source.path):
+    try:
+        output_real = os.path.realpath(report.output)
+    except ValueError as exc:  # a NUL character, which no file name may hold
+        raise UsageError(f"output path {report.output!r} is not usable: {exc}") from None
+    for src in distinct_sources(picks):
+        if output_real == os.path.realpath(src.path):
             raise UsageError(f"{report.output}: the output cannot be one of the sources")
     sources = [BlobSource(r.file, r.blob) for _, r in pairs]
     stats = Stats()
     total = sum(s.blob.size for s in {s.key: s for s in sources}.values())
     canonical: list[int] = []
-    with StagedPackage(dest, force=force, sync=sync) as staged:
+    with StagedPackage(dest, force=force, sync=sync, sources=[s.path for s in distinct_sources(picks)]) as staged:
         offsets: dict[int, int] = {}
         copied = done = 0
         # Identical blobs are found while the first of each are being copied: the grouping's
@@ -304,7 +340,7 @@ def write_package(
         for (ref, _), c in zip(pairs, canonical):
             ref.value.blobFileValue.fileName = DEFAULT_WEIGHT_REF
             ref.value.blobFileValue.offset = offsets[c]
-        staged.commit(model, check=check)
+        staged.commit(model, check=lambda tmp: _check_staged(tmp, report.output, check))
     first_index: dict[tuple[int, int], int] = {}
     for i, src in enumerate(sources):
         first_index.setdefault(src.key, i)

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import mmap
 import os
+import stat
 import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -72,16 +73,24 @@ class BlobFile:
     :class:`Blob`, in file order. Use as a context manager or call :meth:`close`.
     """
 
-    def __init__(self, path: str | os.PathLike):
+    def __init__(self, path: str | os.PathLike, *, fd: int | None = None):
         self.path = os.fspath(path)
         self._mm: mmap.mmap | None = None
         self._fd = -1
+        if fd is not None:  # already opened (and checked) by the caller; this object now owns it
+            self._fd = fd
+        else:
+            flags = os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0)
+            try:
+                self._fd = os.open(self.path, flags)  # non-blocking: a FIFO must not hang the open
+            except OSError as exc:
+                raise BlobFileError(self.path, f"cannot open: {exc.strerror}") from None
         try:
-            self._fd = os.open(self.path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
-        except OSError as exc:
-            raise BlobFileError(self.path, f"cannot open: {exc.strerror}") from None
-        try:
-            self.file_size = os.fstat(self._fd).st_size
+            st = os.fstat(self._fd)
+            if not stat.S_ISREG(st.st_mode):
+                raise BlobFileError(self.path, "is not a regular file")
+            self.identity = (st.st_dev, st.st_ino)
+            self.file_size = st.st_size
             if self.file_size < HEADER_SIZE:
                 raise BlobFileError(
                     self.path,

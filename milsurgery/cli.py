@@ -1,6 +1,6 @@
 """The ``milsurgery`` command line: parses arguments, calls the library, prints.
 
-Exit status: 0 success; 1 ``verify`` found a difference; 2 any error (one line on stderr,
+Exit status: 0 success; 1 ``verify`` found a difference or ``check`` a violation; 2 any error (one line on stderr,
 ``milsurgery: error: ...``; ``--debug`` adds the traceback); 130 interrupted (SIGINT), 143
 terminated (SIGTERM), partial outputs removed.
 
@@ -68,8 +68,8 @@ class ProgressBar:
 
 
 def _print_json(obj) -> None:
-    json.dump(obj, sys.stdout, indent=2, sort_keys=False)
-    sys.stdout.write("\n")
+    # One write: json.dump would issue a write per token (seconds for thousands of functions).
+    sys.stdout.write(json.dumps(obj, indent=2, sort_keys=False) + "\n")
 
 
 def _print_report(report, quiet: bool, as_json: bool, *, appended: bool = False) -> None:
@@ -189,7 +189,7 @@ def cmd_shrink(args) -> int:
     code = _run_writer(
         args, lambda bar: shrink(
             args.package, args.output, in_place=args.in_place, force=args.force, sync=not args.no_sync, progress=bar,
-            **_adopt_kwargs(args),
+            wait=not args.no_wait, **_adopt_kwargs(args),
         )
     )
     if not (args.quiet or args.json):
@@ -232,7 +232,7 @@ def cmd_rename(args) -> int:
 def cmd_append(args) -> int:
     from .surgery import append
 
-    return _run_writer(args, lambda bar: append(args.package, args.sources, progress=bar), appended=True)
+    return _run_writer(args, lambda bar: append(args.package, args.sources, progress=bar, wait=not args.no_wait), appended=True)
 
 
 def cmd_compress(args) -> int:
@@ -283,17 +283,22 @@ def cmd_verify(args) -> int:
     bar = ProgressBar(not args.json)
     try:
         report = verify(args.package, args.against, tolerance=args.tolerance, min_cosine=args.min_cosine,
-                        max_mean_abs=args.max_mean_abs, max_abs=args.max_abs, progress=bar)
+                        max_mean_abs=args.max_mean_abs, max_abs=args.max_abs, progress=bar,
+                        default=args.default)
     finally:
         bar.finish()
     if args.json:
         _print_json(report.to_dict())
     else:
+        for d in report.package_differences:
+            print(f"package: DIFFERS: {d}")
         for c in report.checks:
             status = "equivalent to" if c.equivalent else "differs from"
             print(f"{c.function}: {status} {c.source} ({c.blobs_compared} blobs, {human_bytes(c.bytes_compared)} compared)")
             for d in c.differences:
                 print(f"  {d}")
+            for n in c.notes:
+                print(f"  note: {n}")
             for t in c.tolerated:
                 m = t["metrics"]
                 print(f"  within tolerance: op {t['op']!r} ({t['kind']}): cosine {m['cosine']:.9f}, mean |delta| "
@@ -304,6 +309,21 @@ def cmd_verify(args) -> int:
             else:
                 print(f"program attribute {a.key!r}: differs\n  {a.difference}")
     return 0 if report.equivalent else 1
+
+
+def cmd_check(args) -> int:
+    from .check import check
+
+    report = check(args.package)
+    if args.json:
+        _print_json(report.to_dict())
+    elif report.valid:
+        print(f"{report.path}: valid")
+    else:
+        print(f"{report.path}: {len(report.violations)} violation(s) of Core ML's rules:")
+        for v in report.violations:
+            print(f"  {v}")
+    return 0 if report.valid else 1
 
 
 def cmd_completion(args) -> int:
@@ -341,6 +361,9 @@ _SRC_HELP = (
     "a source package: SRC takes all its functions under their own names, SRC:FUNC one function, "
     "SRC:FUNC=NEW that function named NEW (a single-function model's function is main)"
 )
+
+
+_NO_WAIT_HELP = "if another process is editing PKG in place, fail at once instead of waiting for it"
 
 
 def _add_output_options(p, *, output=True) -> None:
@@ -439,6 +462,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--in-place", action="store_true", help="replace PKG atomically instead of writing OUT")
     p.add_argument("--force", action="store_true", help="replace OUT if it exists")
     p.add_argument("--no-sync", action="store_true", help=_NO_SYNC_HELP + " (not with --in-place)")
+    p.add_argument("--no-wait", action="store_true", help=_NO_WAIT_HELP)
     _add_output_options(p, output=False)
     _add_adopt_options(p)
     p.set_defaults(func=cmd_shrink)
@@ -487,6 +511,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("package", metavar="PKG", help=_PKG_HELP + ", edited in place")
     p.add_argument("sources", nargs="+", metavar="SRC[:FUNC[=NEW]]", help=_SRC_HELP)
+    p.add_argument("--no-wait", action="store_true", help=_NO_WAIT_HELP)
     _add_output_options(p, output=False)
     p.set_defaults(func=cmd_append)
 
@@ -557,9 +582,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("package", metavar="PKG", nargs="?", help=_PKG_HELP + " to check")
     p.add_argument("--against", nargs="+", required=True, metavar="SRC[:FUNC[=NEW]]", help=_SRC_HELP + "; NEW names the function of PKG")
     p.add_argument("--json", action="store_true", help="print the report as JSON (exact byte counts)")
+    p.add_argument("--default", metavar="NAME", help="the default function PKG must have (otherwise: the first source function, or a source's default)")
     p.add_argument("--tolerance", action="store_true", help="a weight whose blobs differ passes when its dequantized values meet the thresholds")
     _add_threshold_options(p)
     p.set_defaults(func=cmd_verify)
+
+    p = add_command(
+        sub, "check", "apply Core ML's spec rules to PKG offline (exit 1 listing each violation)",
+        "Applies, on any OS, the rules of Apple's open-source Core ML model validator that concern\n"
+        "ML programs (specification version, model description and multi-function rules, feature\n"
+        "types, shapes, defaults, states, default function) and what the MIL side requires that can\n"
+        "be checked without Apple's compiler. Exit 0 if valid, 1 listing each violation with the\n"
+        "validator's message, 2 if PKG cannot be read.",
+        ["check llm.mlpackage", "check llm.mlpackage --json"],
+    )
+    p.add_argument("package", metavar="PKG", help="an .mlpackage directory or a model.mlmodel spec file")
+    p.add_argument("--json", action="store_true", help="print the report as JSON")
+    p.set_defaults(func=cmd_check)
 
     p = add_command(
         sub, "completion", "print a shell completion script (bash, zsh or fish)",

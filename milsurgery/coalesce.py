@@ -45,9 +45,10 @@ class BlobSource:
     blob: Blob
 
     @property
-    def key(self) -> tuple[int, int]:
-        """Identity of the physical blob (same file object, same record)."""
-        return (id(self.file), self.blob.record_offset)
+    def key(self) -> tuple:
+        """Identity of the physical blob: the file's device and inode (one file reached by two
+        names, hard links or symlinks is one file) and the record offset."""
+        return (getattr(self.file, "identity", id(self.file)), self.blob.record_offset)
 
     @property
     def shape_key(self) -> tuple[int, int, int]:

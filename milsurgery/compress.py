@@ -543,7 +543,7 @@ def compress(
             if os.path.realpath(dest) == os.path.realpath(pkg.path):
                 raise UsageError(f"{dest}: the output cannot be the source")
             if os.path.lexists(dest) and not force:
-                raise DestinationExistsError(f"{dest}: already exists (use --force to replace it)")
+                raise DestinationExistsError(f"{dest}: already exists (replace it with --force, in Python force=True)")
             if not os.path.isdir(os.path.dirname(dest)):
                 raise WriteError(f"{dest}: parent directory {os.path.dirname(dest)} does not exist")
         scratch_dir = scratch = None

@@ -2,7 +2,8 @@
 
 Builds two single-function packages from the same weights (``infer`` at sequence length 1 and
 ``prefill`` at 16, as a converter would produce them), merges them into one multi-function
-package with weights coalesced, verifies the result against the sources and shows ``inspect``.
+package with weights coalesced, verifies the result against the sources, checks it against Core
+ML's spec rules and shows ``inspect``.
 Needs only milsurgery's runtime dependencies.
 """
 
@@ -14,6 +15,7 @@ import sys
 import tempfile
 
 from .cli import human_bytes
+from .check import check as validity
 from .inspect import inspect_package, render_text
 from .merge import merge
 from .synth import build_llm_like
@@ -54,6 +56,7 @@ def _run(work: str, kept: bool) -> None:
         f"({human_bytes(report.bytes_coalesced)} not written again), {report.seconds:.3f} s"
     )
     print(f"verified: {report.verified['summary']}")
+    print(f"check (Core ML's spec rules): {validity(out).summary()}")
     print(f"\n$ milsurgery inspect {out}")
     print(render_text(inspect_package(out)))
     sys.stdout.flush()

@@ -20,7 +20,9 @@ __all__ = [
     "UnsafePathError",
     "UsageError",
     "DestinationExistsError",
+    "PackageLockedError",
     "WriteError",
+    "InvalidModelError",
 ]
 
 
@@ -75,5 +77,24 @@ class DestinationExistsError(UsageError):
     """The output path exists and overwriting was not requested."""
 
 
+class PackageLockedError(UsageError):
+    """Another process is editing the package in place and the caller chose not to wait."""
+
+
 class WriteError(MilSurgeryError):
     """Writing the output failed (disk full, permission denied...); nothing was left behind."""
+
+
+class InvalidModelError(MilSurgeryError):
+    """A package about to be written breaks rules Core ML applies to a spec (see
+    :mod:`milsurgery.check`); it was not published. An internal error: milsurgery should never
+    produce one."""
+
+    def __init__(self, path: str | os.PathLike, violations: list):
+        self.path = os.fspath(path)
+        self.violations = list(violations)
+        listed = "; ".join(str(v) for v in self.violations)
+        super().__init__(
+            f"{self.path}: internal error: the package written breaks Core ML's rules (a milsurgery "
+            f"bug, unless a source breaks them too), so it was not kept: {listed}"
+        )

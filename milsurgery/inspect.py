@@ -1,5 +1,6 @@
 """``inspect``: what a package holds, which bytes each function references, what is shared.
 
+``violations`` lists the rules of Core ML's validator the spec breaks (:mod:`milsurgery.check`).
 Everything except the duplicate search comes from the spec and the 64-byte blob records: no
 weight bytes are read. The duplicate search hashes only blobs whose dtype and size collide.
 The dictionary :func:`inspect_package` returns is the stable ``--json`` output (see README).
@@ -12,6 +13,7 @@ import sys
 from itertools import combinations
 
 from ._proto import milsurgery_spec_pb2 as pb
+from .check import check_model
 from .coalesce import BlobSource, group_identical
 from .compiled import open_model
 from .package import Package
@@ -21,6 +23,7 @@ __all__ = ["inspect", "inspect_package", "render_text", "feature_summary", "shap
 
 #: Bumped when a key of the JSON output changes meaning or disappears (additions keep it).
 #: 2: a feature's ``shape`` is a list (ranges as ``{"min", "max"}`` objects), not a string.
+#: 2: ``shared`` lists only the pairs of functions that share at least one blob.
 JSON_SCHEMA_VERSION = 2
 
 _ARRAY_TYPES = {65568: "fp32", 65600: "fp64", 131104: "int32", 131080: "int8", 65552: "fp16"}
@@ -102,7 +105,8 @@ def inspect_package(path: str | os.PathLike, *, duplicates: bool = True, progres
 def _inspect(pkg: Package, find_duplicates: bool, progress=None) -> dict:
     files = []
     blob_key = {}
-    for name, bf in pkg.blob_files.items():
+    for bf in pkg.weight_files:  # each file once, however many names the spec gives it
+        name = pkg.weight_file_name(bf)
         by_dtype: dict[str, dict] = {}
         for b in bf:
             d = by_dtype.setdefault(b.dtype.name, {"blobs": 0, "bytes": 0})
@@ -123,14 +127,15 @@ def _inspect(pkg: Package, find_duplicates: bool, progress=None) -> dict:
             blob_key[(name, b.record_offset)] = b
     referenced_by: dict[tuple[str, int], set[str]] = {}
     for r in pkg.refs:
-        referenced_by.setdefault((r.ref.file_name, r.blob.record_offset), set()).add(r.ref.function)
+        referenced_by.setdefault(pkg.blob_key(r), set()).add(r.ref.function)
 
     functions = []
     func_blobs: dict[str, set] = {}
     for name in pkg.functions:
         fn = pkg.function(name)
         desc = pkg.descriptions[name]
-        keys = {(r.ref.file_name, r.blob.record_offset) for r in pkg.function_refs(name)}
+        refs = pkg.function_refs(name)
+        keys = {pkg.blob_key(r) for r in refs}
         func_blobs[name] = keys
         functions.append(
             {
@@ -142,15 +147,27 @@ def _inspect(pkg: Package, find_duplicates: bool, progress=None) -> dict:
                 "states": [feature_summary(f) for f in desc.state],
                 "ops": sum(op_type_histogram(fn).values()),
                 "op_types": op_type_histogram(fn),
-                "blob_references": len(pkg.function_refs(name)),
+                "blob_references": len(refs),
                 "blobs": len(keys),
                 "bytes": sum(blob_key[k].size for k in keys),
             }
         )
-    shared = []
-    for a, b in combinations(pkg.functions, 2):
-        common = func_blobs[a] & func_blobs[b]
-        shared.append({"functions": [a, b], "blobs": len(common), "bytes": sum(blob_key[k].size for k in common)})
+    # Only pairs that share a blob, found from each blob's users: linear in references when
+    # little is shared (listing every pair would be quadratic in functions).
+    position = {name: i for i, name in enumerate(pkg.functions)}
+    pair_totals: dict[tuple[str, str], list[int]] = {}
+    for key, users in referenced_by.items():
+        users = [u for u in users if u in position]  # program attributes belong to no function
+        if len(users) < 2:
+            continue
+        for a, b in combinations(sorted(users, key=position.__getitem__), 2):
+            total = pair_totals.setdefault((a, b), [0, 0])
+            total[0] += 1
+            total[1] += blob_key[key].size
+    shared = [
+        {"functions": [a, b], "blobs": n, "bytes": size}
+        for (a, b), (n, size) in sorted(pair_totals.items(), key=lambda item: (position[item[0][0]], position[item[0][1]]))
+    ]
 
     unreferenced = [
         {"file": name, "offset": off, "dtype": b.dtype.name, "bytes": b.size}
@@ -195,6 +212,9 @@ def _inspect(pkg: Package, find_duplicates: bool, progress=None) -> dict:
         "duplicate_bytes": sum(g["recoverable_bytes"] for g in dup_groups) if find_duplicates else None,
         "unreferenced": unreferenced,
         "unreferenced_bytes": sum(u["bytes"] for u in unreferenced),
+        "violations": [
+            {"rule": v.rule, "message": v.message, "where": v.where} for v in check_model(pkg.model)
+        ],
         "metadata": {
             "shortDescription": meta.shortDescription,
             "versionString": meta.versionString,
@@ -240,6 +260,10 @@ def render_text(info: dict, *, all_ops: bool = False) -> str:
             lines.append(f"  not recovered: {note}")
     if info["mixed_opsets"]:
         lines.append("  note: functions use different opsets")
+    for v in info.get("violations", []):
+        lines.append(f"  NOT VALID for Core ML: {v['where']}: {v['message']}")
+        if v["rule"] == "validateModelLevelFeatureDescriptionsAreEmpty":
+            lines.append("    (written by an earlier milsurgery? `milsurgery shrink` rewrites it without model-level I/O)")
     for f in info["functions"]:
         lines.append(
             f"  function {f['name']!r}{' (default)' if f['default'] else ''}: opset {', '.join(f['opset'])}, "

@@ -28,6 +28,7 @@ meaning):
 
 from __future__ import annotations
 
+import bisect
 import os
 from itertools import combinations
 
@@ -40,6 +41,27 @@ from .package import Package
 __all__ = ["memory_model", "render_memory_text", "MEMORY_SCHEMA_VERSION"]
 
 MEMORY_SCHEMA_VERSION = 1
+
+
+class _RunningUnion:
+    """The union of half-open [start, end) intervals per file, kept merged and sorted as they are
+    added; ``total`` is its length. Adding costs a binary search plus the intervals it absorbs."""
+
+    def __init__(self) -> None:
+        self._files: dict[str, tuple[list[int], list[int]]] = {}
+        self.total = 0
+
+    def add(self, file: str, start: int, end: int) -> None:
+        starts, ends = self._files.setdefault(file, ([], []))
+        i = bisect.bisect_left(ends, start)  # first interval ending at or after start
+        j, covered = i, 0
+        while j < len(starts) and starts[j] <= end:
+            start, end = min(start, starts[j]), max(end, ends[j])
+            covered += ends[j] - starts[j]
+            j += 1
+        starts[i:j] = [start]
+        ends[i:j] = [end]
+        self.total += end - start - covered
 
 
 def _union_bytes(intervals: list[tuple[str, int, int]]) -> int:
@@ -79,15 +101,16 @@ def memory_model(
 
 def _model(pkg: Package, order, page_size: int, find_duplicates: bool) -> dict:
     order = list(order) if order else list(pkg.functions)
+    present = set(pkg.functions)
     for name in order:
-        if name not in pkg.functions:
+        if name not in present:
             raise UsageError(f"{pkg.path}: no function {name!r} (it has {pkg.functions})")
     if len(set(order)) != len(order):
         raise UsageError(f"load order names a function twice: {order}")
     order += [name for name in pkg.functions if name not in order]
     blobs: dict[str, dict[tuple[str, int], object]] = {}
     for name in order:
-        blobs[name] = {(r.ref.file_name, r.blob.record_offset): r for r in pkg.function_refs(name)}
+        blobs[name] = {pkg.blob_key(r): r for r in pkg.function_refs(name)}
 
     def spans(keys, pages: bool):
         out = []
@@ -102,13 +125,20 @@ def _model(pkg: Package, order, page_size: int, find_duplicates: bool) -> dict:
 
     functions, loaded, copies = [], set(), 0
     shared_before = pages_before = 0
+    # The loaded union grows by each function's new blobs only: linear in blobs overall (taking
+    # the union of everything loaded again for every function was quadratic in functions).
+    union, union_pages = _RunningUnion(), _RunningUnion()
     for name in order:
         keys = set(blobs[name])
+        new = keys - loaded
         loaded |= keys
         own = _union_bytes(spans(keys, False)) if keys else 0
         own_pages = _union_bytes(spans(keys, True)) if keys else 0
-        shared = _union_bytes(spans(loaded, False)) if loaded else 0
-        shared_pages = _union_bytes(spans(loaded, True)) if loaded else 0
+        for span in spans(new, False):
+            union.add(*span)
+        for span in spans(new, True):
+            union_pages.add(*span)
+        shared, shared_pages = union.total, union_pages.total
         copies += own
         functions.append({
             "name": name,

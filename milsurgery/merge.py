@@ -67,7 +67,10 @@ def merge(
             from .verify import verify_staged
 
             dest = os.path.abspath(os.fspath(out))
-            check = lambda staged: checked.append(verify_staged(staged, dest, picks, thresholds, progress))  # noqa: E731
+            expected_default = default if default is not None else (picks[0].new_name if picks else None)
+            check = lambda staged: checked.append(  # noqa: E731
+                verify_staged(staged, dest, picks, thresholds, progress, default=expected_default)
+            )
         report = write_package(out, picks, default=default, force=force, sync=sync, progress=progress, check=check,
                                adjust=plan.apply if plan else None)
         if plan is not None:

@@ -12,14 +12,16 @@ appears complete or not at all.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import json
 import os
 import re
 import shutil
+import stat
 import tempfile
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from ._proto import milsurgery_spec_pb2 as pb
@@ -28,6 +30,7 @@ from .errors import (
     BlobFileError,
     DestinationExistsError,
     ManifestError,
+    MilSurgeryError,
     PackageError,
     SpecError,
     UnsafePathError,
@@ -49,6 +52,7 @@ from .formats import (
     WEIGHTS_ITEM_PATH,
     WEIGHTS_NAME,
 )
+from .lock import edit_lock
 from .spec import (
     BlobRef,
     blob_dtype_for,
@@ -61,10 +65,23 @@ from .spec import (
     values_in_value,
 )
 
-__all__ = ["Package", "ResolvedRef", "StagedPackage", "open_package", "PARTIAL_MARKER"]
+__all__ = [
+    "Package",
+    "ResolvedRef",
+    "StagedPackage",
+    "open_package",
+    "open_input",
+    "read_input",
+    "check_destination",
+    "locate_spec",
+    "PARTIAL_MARKER",
+]
 
 #: Part of the name of every temporary directory milsurgery creates beside a destination.
 PARTIAL_MARKER = ".milsurgery-partial-"
+
+#: How often opening a package is tried while its directory keeps being swapped under the reader.
+_OPEN_ATTEMPTS = 5
 
 
 @dataclass
@@ -109,6 +126,98 @@ def package_path(obj) -> str:
     raise UsageError(f"expected a package path or a coremltools MLModel, got {type(obj).__name__}")
 
 
+_O_READ = os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0)
+
+
+def open_input(root: str | os.PathLike, path: str | os.PathLike, *, fault: Callable[[str], Exception] | None = None) -> int:
+    """Open ``path``, a file that must lie inside the directory ``root``, and return its descriptor.
+
+    This is the one way milsurgery opens a file it reads from a package (Manifest.json, the spec,
+    weight files, a compiled model's files). ``path`` is resolved (symlinks followed) and must stay
+    inside ``root``'s real path, else :class:`UnsafePathError`; the resolved path is opened without
+    following a symlink and without blocking (a FIFO does not hang), and the descriptor must be a
+    regular file (not a device, FIFO, socket or directory). Other faults are raised as
+    ``fault(message)`` (default: :class:`PackageError` naming ``path``). Costs an ``lstat`` per
+    path component and one ``open``; reads nothing. The caller closes the descriptor.
+    """
+    path = os.fspath(path)
+    if fault is None:
+        fault = lambda message: PackageError(f"{path}: {message}")  # noqa: E731
+    try:
+        real = os.path.realpath(path)
+        root_real = os.path.realpath(os.fspath(root))
+    except (OSError, ValueError) as exc:
+        raise fault(f"cannot resolve the path: {getattr(exc, 'strerror', None) or exc}") from None
+    if not _inside(real, root_real):
+        raise UnsafePathError(f"{path}: resolves outside the package {root_real} (symlink), to {real}")
+    try:
+        fd = os.open(real, _O_READ | getattr(os, "O_NOFOLLOW", 0))
+    except FileNotFoundError:
+        raise fault("does not exist") from None
+    except (OSError, ValueError) as exc:
+        raise fault(f"cannot open: {getattr(exc, 'strerror', None) or exc}") from None
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise fault(f"is not a regular file (it is {_file_kind(st.st_mode)})")
+        if hasattr(os, "O_NONBLOCK"):
+            os.set_blocking(fd, True)
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
+def _file_kind(mode: int) -> str:
+    for test, name in (
+        (stat.S_ISDIR, "a directory"),
+        (stat.S_ISFIFO, "a FIFO"),
+        (stat.S_ISCHR, "a character device"),
+        (stat.S_ISBLK, "a block device"),
+        (stat.S_ISSOCK, "a socket"),
+        (stat.S_ISLNK, "a symlink"),
+    ):
+        if test(mode):
+            return name
+    return f"of mode 0o{stat.S_IFMT(mode):o}"
+
+
+def read_input(
+    root: str | os.PathLike,
+    path: str | os.PathLike,
+    cap: int,
+    *,
+    fault: Callable[[str], Exception] | None = None,
+) -> bytes:
+    """The bytes of ``path``, opened as :func:`open_input` does, refusing a file over ``cap`` bytes.
+
+    At most ``cap + 1`` bytes are read, whatever the file's size claims to be, so a file that
+    grows or lies about its size cannot make this read more. Faults as in :func:`open_input`.
+    """
+    path = os.fspath(path)
+    if fault is None:
+        fault = lambda message: PackageError(f"{path}: {message}")  # noqa: E731
+    fd = open_input(root, path, fault=fault)
+    try:
+        if os.fstat(fd).st_size > cap:  # refused without reading; a size of 0 proves nothing
+            raise fault(f"is too large: larger than {cap} bytes")
+        chunks = []
+        got = 0
+        while got <= cap:
+            chunk = os.read(fd, min(cap + 1 - got, 1 << 20))
+            if not chunk:
+                break
+            chunks.append(chunk)
+            got += len(chunk)
+    except OSError as exc:
+        raise fault(f"cannot read: {exc.strerror}") from None
+    finally:
+        os.close(fd)
+    if got > cap:
+        raise fault(f"is too large: larger than {cap} bytes")
+    return b"".join(chunks)
+
+
 class Package:
     """An opened, validated ``.mlpackage``.
 
@@ -122,6 +231,10 @@ class Package:
     def __init__(self, path: str | os.PathLike):
         self.path = os.path.abspath(package_path(path))
         self.blob_files: dict[str, BlobFile] = {}
+        # Set here too, not only by _open_once: a subclass (a compiled model) opens its own way.
+        self._by_identity: dict[tuple[int, int], BlobFile] = {}
+        self._functions_cache: dict[str, pb.Function] | None = None
+        self._refs_by_function: dict[str, list[ResolvedRef]] | None = None
         try:
             self._open()
         except BaseException:
@@ -130,22 +243,46 @@ class Package:
 
     # -- opening ---------------------------------------------------------------------------------
     def _open(self) -> None:
-        if not os.path.isdir(self.path):
-            what = "does not exist" if not os.path.exists(self.path) else "is not a directory"
-            raise PackageError(f"{self.path}: package {what}")
-        self._root_real = os.path.realpath(self.path)
-        self.manifest_path = os.path.join(self.path, MANIFEST_NAME)
-        self.manifest = self._read_manifest()
-        self.spec_path = self._spec_path_from_manifest()
-        self.weights_dir = os.path.join(os.path.dirname(self.spec_path), WEIGHTS_NAME)
+        # An in-place edit swaps the package directory in one step (shrink --in-place): a reader
+        # that opened parts of the old and parts of the new directory sees that the directory
+        # changed under it and opens again, so it holds the old package or the new one.
+        for attempt in range(_OPEN_ATTEMPTS):
+            before = self._identity()
+            try:
+                self._open_once()
+            except MilSurgeryError:
+                if attempt + 1 < _OPEN_ATTEMPTS and self._identity() != before:
+                    self.close()
+                    self.blob_files = {}
+                    continue
+                raise
+            if self._identity() == before or attempt + 1 == _OPEN_ATTEMPTS:
+                return
+            self.close()
+            self.blob_files = {}
+
+    def _identity(self) -> tuple[int, int]:
         try:
-            st = os.stat(self.spec_path)
-            if st.st_size > MAX_SPEC_BYTES:
-                raise SpecError(self.spec_path, f"spec is {st.st_size} bytes, too large to be a model spec")
-            with open(self.spec_path, "rb") as f:
-                data = f.read()
+            st = os.stat(self.path)
         except OSError as exc:
-            raise SpecError(self.spec_path, f"cannot read spec: {exc.strerror}") from None
+            what = "does not exist" if isinstance(exc, FileNotFoundError) else f"cannot be read ({exc.strerror})"
+            raise PackageError(f"{self.path}: package {what}") from None
+        except ValueError as exc:
+            raise PackageError(f"{self.path!r}: package path is not usable ({exc})") from None
+        if not stat.S_ISDIR(st.st_mode):
+            raise PackageError(f"{self.path}: package is not a directory")
+        return (st.st_dev, st.st_ino)
+
+    def _open_once(self) -> None:
+        self._by_identity: dict[tuple[int, int], BlobFile] = {}
+        self._functions_cache: dict[str, pb.Function] | None = None
+        self._refs_by_function: dict[str, list[ResolvedRef]] | None = None
+        self._locate_spec()
+        self.weights_dir = os.path.join(os.path.dirname(self.spec_path), WEIGHTS_NAME)
+        spec_path = self.spec_path
+        data = read_input(
+            self.path, spec_path, MAX_SPEC_BYTES, fault=lambda message: SpecError(spec_path, f"spec file {message}")
+        )
         self.spec_size = len(data)
         self.model: pb.Model = parse_spec(data, self.spec_path)
         self.descriptions = function_descriptions(self.model)
@@ -153,17 +290,23 @@ class Package:
         self.default_function = default_function(self.model)
         self.refs = [self._resolve(ref) for ref in iter_blob_refs(self.model)]
 
+    def _locate_spec(self) -> None:
+        """Read and validate Manifest.json; set ``manifest`` and ``spec_path``."""
+        if not os.path.isdir(self.path):
+            what = "does not exist" if not os.path.exists(self.path) else "is not a directory"
+            raise PackageError(f"{self.path}: package {what}")
+        self._root_real = os.path.realpath(self.path)
+        self.manifest_path = os.path.join(self.path, MANIFEST_NAME)
+        self.manifest = self._read_manifest()
+        self.spec_path = self._spec_path_from_manifest()
+
     def _read_manifest(self) -> dict:
         path = self.manifest_path
+        if not os.path.lexists(path):
+            raise ManifestError(path, "missing: not an .mlpackage")
+        data = read_input(self.path, path, MAX_MANIFEST_BYTES, fault=lambda message: ManifestError(path, message))
         try:
-            if os.path.getsize(path) > MAX_MANIFEST_BYTES:
-                raise ManifestError(path, f"larger than {MAX_MANIFEST_BYTES} bytes")
-            with open(path, "rb") as f:
-                manifest = json.loads(f.read().decode("utf-8"))
-        except FileNotFoundError:
-            raise ManifestError(path, "missing: not an .mlpackage") from None
-        except OSError as exc:
-            raise ManifestError(path, f"cannot read: {exc.strerror}") from None
+            manifest = json.loads(data.decode("utf-8"))
         except (ValueError, RecursionError) as exc:
             # JSONDecodeError and UnicodeDecodeError are ValueErrors; so is an integer too long to
             # convert. Nesting deeper than the interpreter's recursion limit is a RecursionError.
@@ -217,11 +360,10 @@ class Package:
     def _spec_path_from_manifest(self) -> str:
         root = self.manifest["rootModelIdentifier"]
         path = self._item_path(root, self.manifest["itemInfoEntries"][root]["path"])
-        if not os.path.isfile(path):
+        if not os.path.lexists(path):  # what else is wrong with it is found when it is read
             raise ManifestError(
                 self.manifest_path,
-                f"field rootModelIdentifier: spec {os.path.relpath(path, self.path)} is missing "
-                "or not a file",
+                f"field rootModelIdentifier: spec {os.path.relpath(path, self.path)} is missing",
             )
         return path
 
@@ -244,12 +386,43 @@ class Package:
         if not rel or os.path.isabs(rel) or ".." in parts or "\\" in rel or "" in parts:
             raise UnsafePathError(f"{where}: blob file {name!r} leaves the package's weights directory")
         full = os.path.join(self.weights_dir, *parts)
-        if not _inside(os.path.realpath(full), os.path.realpath(self.weights_dir)):
+        if not _inside(os.path.realpath(full), self._root_real):
             raise UnsafePathError(f"{where}: blob file {name!r} resolves outside the package (symlink)")
-        if not os.path.isfile(full):
-            raise PackageError(f"{where}: blob file {name!r} does not exist ({full})")
-        self.blob_files[name] = BlobFile(full)
-        return self.blob_files[name]
+        fd = open_input(
+            self.path, full, fault=lambda message: PackageError(f"{where}: blob file {name!r} {message} ({full})")
+        )
+        # One file named two ways (``weights/./weight.bin``, a hard link, a symlink inside the
+        # package) is one BlobFile: its blobs are counted, shared and copied once.
+        st = os.fstat(fd)
+        found = self._by_identity.get((st.st_dev, st.st_ino))
+        if found is not None:
+            os.close(fd)
+        else:
+            found = self._by_identity[(st.st_dev, st.st_ino)] = BlobFile(full, fd=fd)
+        self.blob_files[name] = found
+        return found
+
+    @property
+    def weight_files(self) -> list[BlobFile]:
+        """The distinct weight files the spec references (each once, however it is named)."""
+        out: list[BlobFile] = []
+        for bf in self.blob_files.values():
+            if all(bf is not o for o in out):
+                out.append(bf)
+        return out
+
+    def weight_file_name(self, bf: BlobFile) -> str:
+        """The first name the spec uses for the weight file ``bf``."""
+        return next(name for name, f in self.blob_files.items() if f is bf)
+
+    def blob_key(self, r: ResolvedRef) -> tuple[str, int]:
+        """``(file name, record offset)`` naming the physical blob ``r`` points at: references
+        through two names of one file get the same key (the file's first name)."""
+        names = self.__dict__.setdefault("_first_names", {})
+        name = names.get(id(r.file))
+        if name is None:
+            name = names[id(r.file)] = self.weight_file_name(r.file)
+        return (name, r.blob.record_offset)
 
     def resolve(self, ref: BlobRef) -> ResolvedRef:
         """The blob a reference into this package's spec points at (checked like at open)."""
@@ -306,13 +479,20 @@ class Package:
 
     # -- queries -------------------------------------------------------------------------------
     def function(self, name: str) -> pb.Function:
-        found = program_functions(self.model).get(name)
+        if self._functions_cache is None:
+            self._functions_cache = program_functions(self.model)
+        found = self._functions_cache.get(name)
         if found is None:
             raise KeyError(name)
         return found
 
     def function_refs(self, name: str) -> list[ResolvedRef]:
-        return [r for r in self.refs if r.ref.function == name]
+        if self._refs_by_function is None:
+            by: dict[str, list[ResolvedRef]] = {}
+            for r in self.refs:
+                by.setdefault(r.ref.function, []).append(r)
+            self._refs_by_function = by
+        return list(self._refs_by_function.get(name, ()))
 
     def __enter__(self) -> Package:
         return self
@@ -322,10 +502,21 @@ class Package:
 
     def close(self) -> None:
         for bf in self.blob_files.values():
-            bf.close()
+            bf.close()  # closing twice (one file, two names) is harmless
 
     def __repr__(self) -> str:
         return f"Package({self.path!r}, functions={self.functions})"
+
+
+def locate_spec(path: str | os.PathLike) -> str:
+    """The spec file of the package at ``path``, found through its Manifest.json (validated as
+    when opening). Reads only Manifest.json: for callers that must read a spec that opening the
+    package would refuse."""
+    pkg = Package.__new__(Package)
+    pkg.path = os.path.abspath(os.fspath(path))
+    pkg.blob_files = {}
+    pkg._locate_spec()
+    return pkg.spec_path
 
 
 def open_package(path: str | os.PathLike) -> Package:
@@ -380,8 +571,21 @@ def _pid_alive(pid: int) -> bool:
     return True
 
 
+def remove_entry(path: str) -> None:
+    """Remove ``path`` whatever it is (directory tree, file, symlink: the link, not its target);
+    nothing if it does not exist. Errors are ignored: this is cleanup."""
+    try:
+        if os.path.isdir(path) and not os.path.islink(path):
+            shutil.rmtree(path, ignore_errors=True)
+        else:
+            os.unlink(path)
+    except (OSError, ValueError):
+        pass
+
+
 def remove_stale_partials(dest: str) -> list[str]:
-    """Remove temporary directories of earlier runs for ``dest`` whose process is gone."""
+    """Remove temporary entries of earlier runs for ``dest`` whose process is gone (directories,
+    and whatever else an interrupted run left under such a name, e.g. an exchanged symlink)."""
     parent, name = os.path.split(dest)
     removed = []
     prefix = f".{name}{PARTIAL_MARKER}"
@@ -394,9 +598,60 @@ def remove_stale_partials(dest: str) -> list[str]:
             continue
         pid = entry[len(prefix) :].split("-", 1)[0]
         if pid.isdigit() and int(pid) != os.getpid() and not _pid_alive(int(pid)):
-            shutil.rmtree(os.path.join(parent, entry), ignore_errors=True)
+            remove_entry(os.path.join(parent, entry))
             removed.append(entry)
     return removed
+
+
+def _resolved_dest(path: str) -> str:
+    """``path`` with its parent directory's symlinks resolved (the entry itself is kept)."""
+    parent, name = os.path.split(path)
+    return os.path.join(os.path.realpath(parent), name)
+
+
+def check_destination(
+    dest: str | os.PathLike, sources: Sequence[str | os.PathLike] = (), *, force: bool = False
+) -> str:
+    """Refuse an output path that a write could not use without destroying something; return it
+    absolute.
+
+    Refused: an empty path; the current directory or an ancestor of it; a path that is, holds,
+    or lies inside one of ``sources``; an existing path unless ``force`` is given, and with
+    ``force`` anything but an existing ``.mlpackage`` (a directory holding Manifest.json): force
+    replaces a package, never another file or directory. Costs a few ``stat`` calls.
+    """
+    text = os.fspath(dest)
+    if not isinstance(text, str):
+        text = os.fsdecode(text)
+    if not text.strip():
+        raise UsageError(f"output path {text!r} is empty")
+    if "\x00" in text:
+        raise UsageError(f"output path {text!r} contains a NUL character")
+    full = os.path.abspath(text)
+    forms = {_resolved_dest(full), os.path.realpath(full)}
+    try:
+        cwd = os.path.realpath(os.getcwd())
+    except OSError:
+        cwd = None
+    for form in forms:
+        if cwd is not None and _inside(cwd, form):
+            raise UsageError(f"{full}: the output would replace the current directory or one holding it; refusing")
+        for src in sources:
+            src_real = os.path.realpath(os.fspath(src))
+            if _inside(src_real, form):
+                raise UsageError(f"{full}: the output would replace the source {src_real} (it is or holds it)")
+            if _inside(form, src_real):
+                raise UsageError(f"{full}: the output lies inside the source {src_real}; sources are never modified")
+    if os.path.lexists(full):
+        if not force:
+            raise DestinationExistsError(f"{full}: already exists (replace it with --force, in Python force=True)")
+        if not (os.path.isdir(full) and os.path.lexists(os.path.join(full, MANIFEST_NAME))):
+            kind = "a directory without Manifest.json" if os.path.isdir(full) else "not a directory"
+            raise UsageError(
+                f"{full}: --force replaces only an existing .mlpackage (a directory holding "
+                f"{MANIFEST_NAME}); this is {kind}, left as it is"
+            )
+    return full
 
 
 class StagedPackage:
@@ -404,35 +659,51 @@ class StagedPackage:
     :meth:`commit`, removed by :meth:`abort` (or on an exception inside a ``with`` block).
 
     ``dest`` must not exist unless ``force`` is true; with ``force`` an existing package is
-    replaced only after the new one is complete. With ``sync`` (the default) every file and
+    replaced only after the new one is complete. ``dest`` is checked by
+    :func:`check_destination` against ``sources`` (the packages the new one is built from). With ``sync`` (the default) every file and
     directory is flushed to disk (fsync) before the rename, so the package survives a power loss
     once it has appeared; without it, other programs still see it appear whole, but a crash of the
     system soon after may leave it incomplete on disk.
     """
 
-    def __init__(self, dest: str | os.PathLike, *, force: bool = False, sync: bool = True):
-        self.dest = os.path.abspath(os.fspath(dest))
+    def __init__(
+        self,
+        dest: str | os.PathLike,
+        *,
+        force: bool = False,
+        sync: bool = True,
+        sources: Sequence[str | os.PathLike] = (),
+    ):
+        self.dest = check_destination(dest, sources, force=force)
         self.force = force
         self.sync = sync
         parent = os.path.dirname(self.dest)
-        if os.path.lexists(self.dest) and not force:
-            raise DestinationExistsError(f"{self.dest}: already exists (replace it with --force, in Python force=True)")
-        if not os.path.isdir(parent):
+        try:
+            parent_is_dir = stat.S_ISDIR(os.stat(parent).st_mode)
+        except FileNotFoundError:
+            parent_is_dir = False
+        except OSError as exc:  # e.g. a path longer than the system allows
+            raise WriteError(f"{self.dest}: cannot use the parent directory: {exc.strerror}") from None
+        if not parent_is_dir:
             raise WriteError(f"{self.dest}: parent directory {parent} does not exist")
         remove_stale_partials(self.dest)
+        self.tmp = None
         try:
             self.tmp = tempfile.mkdtemp(
                 prefix=f".{os.path.basename(self.dest)}{PARTIAL_MARKER}{os.getpid()}-", dir=parent
             )
-        except OSError as exc:
-            raise WriteError(f"{self.dest}: cannot create a temporary directory: {exc.strerror}") from None
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(self.tmp, 0o777 & ~umask)  # mkdtemp makes it private; a package is not
-        self.data_dir = os.path.join(self.tmp, DATA_DIR, *SPEC_ITEM_PATH.split("/")[:-1])
-        self.weights_dir = os.path.join(self.tmp, DATA_DIR, *WEIGHTS_ITEM_PATH.split("/"))
-        self.spec_path = os.path.join(self.tmp, DATA_DIR, *SPEC_ITEM_PATH.split("/"))
-        os.makedirs(self.weights_dir)
+            umask = os.umask(0)
+            os.umask(umask)
+            os.chmod(self.tmp, 0o777 & ~umask)  # mkdtemp makes it private; a package is not
+            self.data_dir = os.path.join(self.tmp, DATA_DIR, *SPEC_ITEM_PATH.split("/")[:-1])
+            self.weights_dir = os.path.join(self.tmp, DATA_DIR, *WEIGHTS_ITEM_PATH.split("/"))
+            self.spec_path = os.path.join(self.tmp, DATA_DIR, *SPEC_ITEM_PATH.split("/"))
+            os.makedirs(self.weights_dir)
+        except (OSError, ValueError) as exc:
+            if self.tmp is not None:
+                shutil.rmtree(self.tmp, ignore_errors=True)
+            why = getattr(exc, "strerror", None) or str(exc)
+            raise WriteError(f"{self.dest}: cannot create the package's temporary directory beside it: {why}") from None
         self.done = False
 
     def weight_path(self, name: str) -> str:
@@ -479,6 +750,14 @@ class StagedPackage:
                 raise
         parent = os.path.dirname(self.dest)
         old_dir = moved = None
+        locked = contextlib.ExitStack()
+        if self.force and os.path.isdir(self.dest):
+            # An in-place edit of the package being replaced finishes first (its lock is held
+            # across the rename); editors waiting behind it then edit the replacement.
+            try:
+                locked.enter_context(edit_lock(self.dest))
+            except MilSurgeryError:
+                pass  # gone or unlockable: nothing is editing it in place
         try:
             if os.path.lexists(self.dest):
                 if not self.force:
@@ -503,6 +782,8 @@ class StagedPackage:
                     f"{self.dest}: moving the new package into place failed: {exc.strerror}"
                 ) from None
             raise
+        finally:
+            locked.close()
         if old_dir is not None:
             shutil.rmtree(old_dir, ignore_errors=True)
         if self.sync:

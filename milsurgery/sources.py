@@ -65,6 +65,8 @@ def parse_source(text: str | os.PathLike | SourceSpec) -> SourceSpec:
     if not isinstance(text, str) or not text:
         raise UsageError(f"source must be a non-empty path, got {text!r}")
     path, sep, func = text.rpartition(":")
+    if "\x00" in (path if sep else text):
+        raise UsageError(f"source {text!r}: a path cannot hold a NUL character")
     if not sep or os.path.exists(text) or not path:
         return SourceSpec(text)
     func, eq, new = func.partition("=")

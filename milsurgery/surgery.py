@@ -5,27 +5,29 @@ through :func:`milsurgery.assemble.write_package` (atomic, sources untouched); `
 replace its source in place, by building the new package beside it and exchanging the two
 directories in one atomic step. ``append`` edits in place: new blobs are appended to weight.bin
 and flushed, the header count is updated, then the spec is replaced with a rename, so a process
-killed at any instant leaves the old package or the new one.
+killed at any instant leaves the old package or the new one. Both in-place edits hold the
+package's edit lock (:mod:`milsurgery.lock`) from before they read it until they are done, so
+concurrent editors run one after another.
 """
 
 from __future__ import annotations
 
 import os
-import shutil
 import time
 from collections.abc import Callable, Mapping, Sequence
 
 from ._proto import milsurgery_spec_pb2 as pb
-from .assemble import Pick, Progress, WriteReport, _set_io, write_package
+from .assemble import Pick, Progress, WriteReport, _blob_refs_of, _set_io, write_package
 from .atomic import exchange_paths, replace_file
 from .blobfile import BlobWriter, restore_blob_file
 from .coalesce import BlobSource, Stats, group_identical
-from .errors import UsageError
+from .errors import InvalidModelError, UsageError
 from .formats import DEFAULT_WEIGHT_REF, MAIN_FUNCTION, MULTIFUNCTION_SPEC_VERSION
+from .check import MODEL_LEVEL_IO, check_model
 from .sources import SourceSpec, check_function_name, resolve_sources
 from .compiled import open_model
-from .package import PARTIAL_MARKER, Package
-from .spec import iter_blob_refs
+from .lock import edit_lock
+from .package import PARTIAL_MARKER, Package, remove_entry, remove_stale_partials
 
 __all__ = ["shrink", "extract", "remove", "rename", "append", "parse_rename"]
 
@@ -61,6 +63,7 @@ def shrink(
     max_mean_abs: float | None = None,
     max_abs: float | None = None,
     dry_run: bool = False,
+    wait: bool = True,
 ):
     """Coalesce identical blobs and drop unreferenced ones; write ``out`` or replace ``package``.
 
@@ -68,7 +71,9 @@ def shrink(
     ``bytes_written`` against the source weight.bin size gives the bytes recovered. ``sync=False``
     (new output only) skips flushing the output to disk. ``adopt`` and the thresholds work as in
     :func:`milsurgery.merge.merge`, between the package's functions (``dry_run`` returns the
-    :class:`milsurgery.adopt.AdoptReport` and writes nothing).
+    :class:`milsurgery.adopt.AdoptReport` and writes nothing). In place, ``package`` may be a
+    symlink (the package it names is replaced) and the edit holds the package's edit lock;
+    ``wait=False`` raises :class:`PackageLockedError` instead of waiting for another editor.
     """
     from .thresholds import adoption_options
 
@@ -82,25 +87,32 @@ def shrink(
         raise UsageError("shrink needs exactly one of an output path (-o OUT, in Python out) or --in-place (in_place=True)")
     if in_place and not sync:
         raise UsageError("--no-sync (sync=False) applies to a new output, not to --in-place (in_place=True): an in-place edit is always flushed")
-    with Package(package) as pkg:
-        picks = [Pick(pkg, f, f) for f in pkg.functions]
-        plan = plan_for_picks(picks, thresholds, anchor) if thresholds is not None else None
-        adjust = plan.apply if plan is not None else None
-        if not in_place:
+    if not in_place:
+        with Package(package) as pkg:
+            picks = [Pick(pkg, f, f) for f in pkg.functions]
+            plan = plan_for_picks(picks, thresholds, anchor) if thresholds is not None else None
+            adjust = plan.apply if plan is not None else None
             report = _write_same_shape(pkg, picks, out, pkg.default_function, force, progress, sync, adjust)
             if plan is not None:
                 report.adoption = plan.report.to_dict()
             return report
+    # A symlink to a package: the real package is edited (exchanging the symlink would leave it
+    # as it was). The lock keeps other in-place editors out until the exchange is done.
+    with edit_lock(package, wait=wait) as real, Package(real) as pkg:
+        picks = [Pick(pkg, f, f) for f in pkg.functions]
+        plan = plan_for_picks(picks, thresholds, anchor) if thresholds is not None else None
+        adjust = plan.apply if plan is not None else None
         parent, name = os.path.split(pkg.path)
+        remove_stale_partials(pkg.path)
         staged = os.path.join(parent, f".{name}{PARTIAL_MARKER}{os.getpid()}-inplace")
-        shutil.rmtree(staged, ignore_errors=True)
+        remove_entry(staged)
         try:
             report = _write_same_shape(pkg, picks, staged, pkg.default_function, False, progress, adjust=adjust)
             if plan is not None:
                 report.adoption = plan.report.to_dict()
             exchange_paths(staged, pkg.path)  # the one step that switches old for new
         finally:
-            shutil.rmtree(staged, ignore_errors=True)
+            remove_entry(staged)
         report.output = pkg.path
         return report
 
@@ -223,8 +235,12 @@ def append(
     sources: Sequence[str | os.PathLike | SourceSpec],
     *,
     progress: Progress | None = None,
+    wait: bool = True,
 ) -> WriteReport:
     """Add functions from ``sources`` (``SRC[:FUNC[=NEW]]``) to ``package`` in place.
+
+    The edit holds the package's edit lock from before it is read (another editor waits for it,
+    or with ``wait=False`` raises :class:`PackageLockedError`); a symlink names the real package.
 
     Only blobs whose content is not already in the package's weight.bin are appended. Order of
     durable steps: blob data appended and flushed; header count updated and flushed; new spec
@@ -234,7 +250,8 @@ def append(
     """
     start = time.perf_counter()
     opened: dict[str, Package] = {}
-    with Package(package) as pkg:
+    # Locked before anything is read: a second editor waits, then appends to what this one wrote.
+    with edit_lock(package, wait=wait) as real, Package(real) as pkg:
         opened[os.path.realpath(pkg.path)] = pkg
         try:
             return _append(pkg, sources, opened, progress, start)
@@ -267,6 +284,10 @@ def _append(pkg: Package, sources, opened, progress, start) -> WriteReport:
         main = pkg.descriptions[MAIN_FUNCTION]
         desc.functions.append(main)
         desc.defaultFunctionName = MAIN_FUNCTION
+    # A multi-function model has no model-level I/O (Apple's validator refuses it): main's moved
+    # into its FunctionDescription above, and what an earlier milsurgery left there goes.
+    for name in MODEL_LEVEL_IO:
+        desc.ClearField(name)
     versions = [model.specificationVersion, MULTIFUNCTION_SPEC_VERSION]
     pairs = []
     for p in picks:
@@ -276,7 +297,7 @@ def _append(pkg: Package, sources, opened, progress, start) -> WriteReport:
         _set_io(fdesc, p.source.descriptions[p.name])
         desc.functions.append(fdesc)
         versions.append(p.source.model.specificationVersion)
-        new_refs = list(iter_blob_refs(model, functions=[p.new_name]))
+        new_refs = _blob_refs_of(p.new_name, entry.value)
         pairs.extend(zip(new_refs, p.source.function_refs(p.name)))
     model.specificationVersion = max(versions)
 
@@ -307,10 +328,13 @@ def _append(pkg: Package, sources, opened, progress, start) -> WriteReport:
         ref.value.blobFileValue.fileName = DEFAULT_WEIGHT_REF
         ref.value.blobFileValue.offset = offsets[c]
     try:
+        violations = check_model(model)
+        if violations:
+            raise InvalidModelError(pkg.path, violations)
         replace_file(pkg.spec_path, model.SerializeToString())
     except Exception:
-        # The old spec is still in place: take the appended blobs back out of weight.bin so the
-        # package is byte-identical to before.
+        # The old spec is still in place (also when the new one breaks Core ML's rules): take the
+        # appended blobs back out of weight.bin so the package is byte-identical to before.
         restore_blob_file(target.path, target.count, target.file_size)
         raise
     _checkpoint("spec")

@@ -22,6 +22,7 @@ import numpy as np
 
 from ._proto import milsurgery_spec_pb2 as pb
 from .blobfile import BlobWriter
+from .check import check_staged
 from .formats import DEFAULT_WEIGHT_REF, WEIGHT_FILE_NAME
 from .package import StagedPackage
 
@@ -198,10 +199,8 @@ def build_llm_like(
                     model.description.functions.append(desc)
             layout.weight_bytes = writer.size
         if not single:
-            # Model-level I/O mirrors the default function, as coremltools writes it.
-            default = model.description.functions[0]
-            model.description.defaultFunctionName = default.name
-            model.description.input.extend(default.input)
-            model.description.output.extend(default.output)
-        staged.commit(model)
+            # A multi-function model keeps its I/O in the FunctionDescriptions only: Apple's
+            # validator refuses model-level I/O there (see milsurgery.check).
+            model.description.defaultFunctionName = model.description.functions[0].name
+        staged.commit(model, check=lambda tmp: check_staged(tmp, layout.path))
     return layout

@@ -5,7 +5,19 @@ A function is equivalent to its source when its graph is identical except for bl
 the source's blob at the same place in the graph; its I/O description must match too.
 
 Program attributes holding blob references are checked too: each must equal, referenced bytes
-included, the value of some source having that key (see :func:`_check_attributes`).
+included, the value of some source having that key, and a key no source has is a difference
+(see :func:`_check_attributes`).
+
+Besides the functions, everything else that changes what Core ML loads or describes is checked
+(:func:`_package_differences`): the model-level description (empty in a multi-function model),
+the specification version, ``isUpdatable``, the program version, the default function (when the
+whole package is verified) and blob files in subdirectories of ``weights/``, which coremltools
+and Core ML may resolve differently and are therefore refused.
+
+Protobuf maps are unordered (a package re-saved by coremltools may list op inputs in another
+order), so graphs are compared with every map sorted by key. Sub-byte blobs that differ only in
+the padding bits past their last element hold equal values: that is reported as a note, not a
+difference.
 
 The check is independent of how the package was written: it walks both functions, compares the
 referenced bytes, blanks the blob references in copies of both and compares the serialized
@@ -19,9 +31,11 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from ._proto import milsurgery_spec_pb2 as pb
-from .assemble import Pick, distinct_sources, values_equal
-from .coalesce import BlobSource, blobs_equal
+from .assemble import Pick, _function_spec_version, distinct_sources, values_equal
+from .check import MODEL_LEVEL_IO
+from .coalesce import BlobSource, _same_bytes, _windows, blobs_equal
 from .errors import FormatError, MilSurgeryError, UsageError
+from .formats import MODEL_PATH_PREFIX, MULTIFUNCTION_SPEC_VERSION
 from .compiled import open_model
 from .sources import SourceSpec, resolve_sources
 from .package import Package, ResolvedRef
@@ -45,6 +59,7 @@ class FunctionCheck:
     differences: list[str] = field(default_factory=list)
     blobs_compared: int = 0
     bytes_compared: int = 0
+    notes: list[str] = field(default_factory=list)  # equal values, said in words (padding bits)
     #: weights whose blobs differ but whose values meet the tolerance (``verify(tolerance=...)``):
     #: op, kind and metrics against the source's weight
     tolerated: list[dict] = field(default_factory=list)
@@ -70,6 +85,8 @@ class AttributeCheck:
 
     @property
     def difference(self) -> str:
+        if not self.sources:
+            return f"program attribute {self.key!r} holds blobs but no source has an attribute of this key"
         return (
             f"program attribute {self.key!r} equals none of the sources' values "
             f"(graphs and referenced bytes compared with {', '.join(self.sources)})"
@@ -81,12 +98,21 @@ class VerifyReport:
     package: str
     checks: list[FunctionCheck]
     attributes: list[AttributeCheck] = field(default_factory=list)
+    #: differences outside the functions: model-level description, specification version,
+    #: isUpdatable, program version, default function, blob file paths
+    package_differences: list[str] = field(default_factory=list)
 
     @property
     def equivalent(self) -> bool:
-        return all(c.equivalent for c in self.checks) and all(a.equivalent for a in self.attributes)
+        return (
+            all(c.equivalent for c in self.checks)
+            and all(a.equivalent for a in self.attributes)
+            and not self.package_differences
+        )
 
     def summary(self) -> str:
+        if self.package_differences:
+            return f"{self.package}: {self.package_differences[0]}"
         bad = [c for c in self.checks if not c.equivalent]
         if bad:
             first = bad[0]
@@ -102,6 +128,7 @@ class VerifyReport:
         return {
             "package": self.package,
             "equivalent": self.equivalent,
+            "package_differences": self.package_differences,
             "functions": [
                 {
                     "function": c.function,
@@ -110,6 +137,7 @@ class VerifyReport:
                     "differences": c.differences,
                     "blobs_compared": c.blobs_compared,
                     "bytes_compared": c.bytes_compared,
+                    "notes": c.notes,
                     "tolerated": c.tolerated,
                 }
                 for c in self.checks
@@ -128,6 +156,47 @@ class VerifyReport:
         }
 
 
+def _is_map_entry(descriptor) -> bool:
+    """Our schema declares ``map<K, V>`` as ``repeated XxxEntry {key = 1; value = 2}``."""
+    return descriptor.name.endswith("Entry") and set(descriptor.fields_by_name) == {"key", "value"}
+
+
+def _sort_maps(message) -> None:
+    """Sort every map field of ``message`` by key, in place and recursively; of a repeated key
+    only the last entry is kept, as protobuf does when it parses a map."""
+    for fd, value in message.ListFields():
+        if fd.message_type is None:
+            continue
+        if fd.is_repeated:
+            if _is_map_entry(fd.message_type):
+                keys = [e.key for e in value]
+                if all(a < b for a, b in zip(keys, keys[1:])):  # sorted, no repeated key
+                    for v in value:
+                        _sort_maps(v)
+                    continue
+                last = {e.key: e for e in value}
+                kept = []
+                for key in sorted(last):
+                    copy = type(last[key])()
+                    copy.CopyFrom(last[key])
+                    kept.append(copy)
+                del value[:]
+                value.extend(kept)
+            for v in value:
+                _sort_maps(v)
+        else:
+            _sort_maps(value)
+
+
+def _canonical(function: pb.Function, name: str) -> pb.Model:
+    """A model holding only a copy of ``function`` (as ``name``) with its maps sorted by key."""
+    holder = pb.Model()
+    entry = holder.mlProgram.functions.add(key=name)
+    entry.value.CopyFrom(function)
+    _sort_maps(entry.value)
+    return holder
+
+
 def _blanked(function: pb.Function) -> pb.Function:
     """A copy of ``function`` with every blob reference's file name and offset cleared."""
     holder = pb.Model()
@@ -137,6 +206,31 @@ def _blanked(function: pb.Function) -> pb.Function:
         ref.value.blobFileValue.fileName = ""
         ref.value.blobFileValue.offset = 0
     return entry.value
+
+
+def _serialized(function: pb.Function) -> bytes:
+    return function.SerializeToString(deterministic=True)
+
+
+def _padding_only_difference(a: BlobSource, b: BlobSource) -> int | None:
+    """How many padding bits (past the last element of a sub-byte blob) differ when nothing
+    else does, so the values are equal; ``None`` if anything else differs. Reads both blobs."""
+    ba, bb = a.blob, b.blob
+    if a.shape_key != b.shape_key or not ba.dtype.sub_byte or not 0 < ba.padding_bits < 8:
+        return None
+    mask = (1 << (8 - ba.padding_bits)) - 1  # elements fill each byte from its low bit
+    done = 0
+    last = None
+    for va, vb in zip(_windows(a), _windows(b)):
+        done += len(va)
+        body = len(va) - 1 if done == ba.size else len(va)
+        if not _same_bytes(va[:body], vb[:body]):
+            return None
+        if body < len(va):
+            last = (va[body], vb[body])
+    if last is None or (last[0] ^ last[1]) & mask:
+        return None
+    return bin(last[0] ^ last[1]).count("1")
 
 
 def _op_label(op: pb.Operation) -> str:
@@ -250,9 +344,16 @@ def _check(pkg: Package, name: str, pick: Pick, tolerance=None, progress=None, d
     else:
         check.differences += _description_differences(pkg.descriptions[name], src.descriptions[pick.name])
     ba, bb = _blanked(mine), _blanked(theirs)
-    if ba.SerializeToString(deterministic=True) != bb.SerializeToString(deterministic=True):
-        check.differences.append(_first_graph_difference(ba, bb))
-        return check
+    if _serialized(ba) != _serialized(bb):
+        # Maps are unordered (a package re-saved by coremltools writes them in its own order):
+        # compare again with every map sorted by key, and pair the references in that order.
+        ca, cb = _canonical(mine, name), _canonical(theirs, pick.name)
+        ba, bb = _blanked(ca.mlProgram.functions[0].value), _blanked(cb.mlProgram.functions[0].value)
+        if _serialized(ba) != _serialized(bb):
+            check.differences.append(_first_graph_difference(ba, bb))
+            return check
+        refs_a = [pkg.resolve(r) for r in iter_blob_refs(ca)]
+        refs_b = [src.resolve(r) for r in iter_blob_refs(cb)]
     # Same graph shape => the walks pair up reference by reference.
     seen: dict[tuple, bool] = {}
     differing: list[tuple[ResolvedRef, ResolvedRef]] = []
@@ -266,6 +367,13 @@ def _check(pkg: Package, name: str, pick: Pick, tolerance=None, progress=None, d
             if progress is not None and done is not None:
                 done[0] += ra.blob.size
                 progress("verifying", done[0], total)
+            bits = None if seen[key] else _padding_only_difference(a, b)
+            if bits is not None:
+                seen[key] = True
+                check.notes.append(
+                    f"{ra.ref.describe()}: blob at offset {ra.blob.record_offset} of {ra.file.path} differs "
+                    f"from the source's only in {bits} padding bit(s) past its last element; the values are equal"
+                )
         if not seen[key]:
             differing.append((ra, rb))
     if differing:
@@ -289,7 +397,7 @@ def _check_attributes(pkg: Package, sources: Sequence[Package]) -> list[Attribut
     A merge keeps the first source's value of a key that several sources have, and ``append``
     keeps the package's own, so an attribute is equivalent when it equals the value of *some*
     source having that key: same structure with blob references blanked, and the same bytes in
-    every referenced blob. Keys no source has are not checked (nothing to compare with).
+    every referenced blob. A key no source has is a difference: its blobs come from nowhere.
     """
     checks = []
     for entry in pkg.model.mlProgram.attributes:
@@ -300,8 +408,6 @@ def _check_attributes(pkg: Package, sources: Sequence[Package]) -> list[Attribut
         candidates = [
             (src, e.value) for src in sources for e in src.model.mlProgram.attributes if e.key == entry.key
         ]
-        if not candidates:
-            continue
         check = AttributeCheck(entry.key, sorted({src.path for src, _ in candidates}))
         for src, value in candidates:
             if values_equal(pkg, entry.value, src, value, where):
@@ -313,15 +419,91 @@ def _check_attributes(pkg: Package, sources: Sequence[Package]) -> list[Attribut
     return checks
 
 
-def verify_picks(pkg: Package, picks: Sequence[Pick], tolerance=None, progress=None) -> VerifyReport:
-    """Check each pick's ``new_name`` function of ``pkg`` against its source function, and the
-    program attributes of ``pkg`` holding blob references against the picks' sources'.
+def _expected_defaults(picks: Sequence[Pick], default: str | None) -> list[str]:
+    """Default function names a package of ``picks`` may have: ``default`` if given; else the
+    first pick (what ``merge`` picks) or a multi-function source's default function under its
+    new name (what ``extract`` and ``rename`` keep)."""
+    if default is not None:
+        return [default]
+    out = [picks[0].new_name]
+    for p in picks:
+        if p.source.model.description.functions and p.name == p.source.default_function and p.new_name not in out:
+            out.append(p.new_name)
+    return out
+
+
+def _package_differences(pkg: Package, picks: Sequence[Pick], default: str | None) -> list[str]:
+    """What differs outside the functions: model-level description, specification version,
+    isUpdatable, program version, default function (when ``picks`` cover every function of
+    ``pkg``) and blob files in subdirectories of weights/. Reads no weight bytes."""
+    out = []
+    model, sources = pkg.model, distinct_sources(list(picks))
+    d = model.description
+    whole = set(pkg.functions) <= {p.new_name for p in picks}
+    multi = bool(d.functions)
+    if multi:
+        for name in MODEL_LEVEL_IO:
+            value = getattr(d, name)
+            if (len(value) if not isinstance(value, str) else value):
+                out.append(
+                    f"model-level description {name} is not empty (a multi-function model keeps its I/O "
+                    "in its FunctionDescriptions; Core ML refuses it at model level)"
+                )
+    version = model.specificationVersion
+    if multi:
+        expected = max([MULTIFUNCTION_SPEC_VERSION, *(p.source.model.specificationVersion for p in picks)])
+        if version < expected or (whole and version != expected):
+            out.append(
+                f"specification version is {version}, expected {expected} (the highest of "
+                f"{MULTIFUNCTION_SPEC_VERSION} and the sources')"
+            )
+    else:
+        low = max(_function_spec_version(p) for p in picks)
+        high = max(p.source.model.specificationVersion for p in picks)
+        if not low <= version <= high:
+            out.append(
+                f"specification version is {version}, expected {low}"
+                + (f" to {high} (the lowest the function needs to its source's)" if high > low else "")
+            )
+    updatable = {s.model.isUpdatable for s in sources}
+    if model.isUpdatable not in updatable:
+        out.append(f"isUpdatable is {model.isUpdatable}, the sources' is {sorted(updatable)[0]}")
+    program_versions = sorted({s.model.mlProgram.version for s in sources})
+    if model.mlProgram.version not in program_versions:
+        out.append(f"program version is {model.mlProgram.version}, the sources' is {program_versions[0]}")
+    if whole and multi:
+        allowed = _expected_defaults(picks, default)
+        if d.defaultFunctionName not in allowed:
+            out.append(
+                f"default function is {d.defaultFunctionName!r}, expected "
+                + " or ".join(repr(a) for a in allowed)
+            )
+    reported = set()
+    for r in pkg.refs:
+        name = r.ref.file_name
+        if "/" in name[len(MODEL_PATH_PREFIX) :] and name not in reported:
+            reported.add(name)
+            out.append(
+                f"{r.ref.describe()}: blob file {name!r} is in a subdirectory of weights/, which "
+                "coremltools and Core ML may resolve differently; not accepted"
+            )
+    return out
+
+
+def verify_picks(
+    pkg: Package, picks: Sequence[Pick], tolerance=None, progress=None, *, default: str | None = None
+) -> VerifyReport:
+    """Check each pick's ``new_name`` function of ``pkg`` against its source function, the
+    program attributes of ``pkg`` holding blob references against the picks' sources', and what
+    lies outside the functions (:func:`_package_differences`; ``default`` is the expected default
+    function, see :func:`_expected_defaults`).
 
     Reads every referenced blob of both sides once per distinct pair; ``progress(phase, done,
     total)`` is called with the bytes compared so far."""
     checks = []
+    present = set(pkg.functions)
     for pick in picks:
-        if pick.new_name not in pkg.functions:
+        if pick.new_name not in present:
             raise UsageError(f"{pkg.path}: no function {pick.new_name!r} to verify (it has {pkg.functions})")
     total = 0
     if progress is not None:
@@ -332,7 +514,12 @@ def verify_picks(pkg: Package, picks: Sequence[Pick], tolerance=None, progress=N
     done = [0]
     for pick in picks:
         checks.append(_check(pkg, pick.new_name, pick, tolerance, progress, done, total))
-    return VerifyReport(pkg.path, checks, _check_attributes(pkg, distinct_sources(list(picks))))
+    sources = distinct_sources(list(picks))
+    # A compiled model's spec is rebuilt from model.mil and metadata.json (version, description):
+    # what lies outside its functions is compared only between packages.
+    compiled = any(getattr(m, "unrecovered", None) is not None for m in (pkg, *sources))
+    outside = [] if compiled else _package_differences(pkg, picks, default)
+    return VerifyReport(pkg.path, checks, _check_attributes(pkg, sources), outside)
 
 
 def verify(
@@ -344,11 +531,14 @@ def verify(
     max_mean_abs: float | None = None,
     max_abs: float | None = None,
     progress=None,
+    default: str | None = None,
 ) -> VerifyReport:
     """Verify functions of ``package`` against sources given as ``SRC[:FUNC[=NEW]]``.
 
     ``SRC`` alone checks every function of SRC under its own name; ``SRC:FUNC=NEW`` checks the
-    package's function NEW against SRC's FUNC. Raises :class:`MilSurgeryError` on bad input.
+    package's function NEW against SRC's FUNC. When the sources cover every function, the
+    default function must be ``default`` (if given; see :func:`_expected_defaults` otherwise).
+    Raises :class:`MilSurgeryError` on bad input.
 
     A weight whose blobs differ from the source's (an adopted near-duplicate) is a difference
     whose message gives its metrics; with ``tolerance`` it passes when its dequantized values
@@ -363,13 +553,15 @@ def verify(
     try:
         with open_model(package) as pkg:
             picks = resolve_sources(against, opened)
-            return verify_picks(pkg, picks, thresholds, progress)
+            return verify_picks(pkg, picks, thresholds, progress, default=default)
     finally:
         for p in opened.values():
             p.close()
 
 
-def verify_staged(staged: str, dest: str, picks: Sequence[Pick], tolerance=None, progress=None) -> VerifyReport:
+def verify_staged(
+    staged: str, dest: str, picks: Sequence[Pick], tolerance=None, progress=None, default: str | None = None
+) -> VerifyReport:
     """Verify a package written to the staging directory ``staged`` that is to become ``dest``.
 
     Raises :class:`VerificationFailed` if it differs from its sources, or the error that opening
@@ -381,7 +573,7 @@ def verify_staged(staged: str, dest: str, picks: Sequence[Pick], tolerance=None,
 
     try:
         with Package(staged) as pkg:
-            report = verify_picks(pkg, picks, tolerance, progress)
+            report = verify_picks(pkg, picks, tolerance, progress, default=default)
     except MilSurgeryError as exc:  # same class, so callers catch what they would have
         if isinstance(exc, FormatError):
             exc.path = renamed(exc.path)
@@ -390,6 +582,8 @@ def verify_staged(staged: str, dest: str, picks: Sequence[Pick], tolerance=None,
     report.package = dest
     for check in report.checks:
         check.differences = [renamed(d) for d in check.differences]
+        check.notes = [renamed(n) for n in check.notes]
+    report.package_differences = [renamed(d) for d in report.package_differences]
     if not report.equivalent:
         raise VerificationFailed(report)
     return report

@@ -166,3 +166,30 @@ def ct_read_referenced_blobs(pkg: str) -> int:
         else:
             assert values.tobytes() == data, f"C++ reader disagrees at offset {key[1]}"
     return len(seen)
+
+
+#: Apple's model validator built for this machine (see the shared tools' README), beside the checkout.
+COREML_VALIDATE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", "shared", "tools", "coreml-validate")
+VALIDATOR_PREFIX = "validator error: "
+
+
+def have_coreml_validate() -> bool:
+    return os.path.isfile(COREML_VALIDATE) and os.access(COREML_VALIDATE, os.X_OK)
+
+
+def coreml_validate(spec: str) -> tuple[int, str]:
+    """Run Apple's validator on a spec file (or a package's spec): (exit status, message).
+
+    Exit 0 valid, 1 invalid with the validator's message (its "validator error: " prefix removed),
+    2 unreadable. Callers skip when :func:`have_coreml_validate` is false.
+    """
+    import subprocess
+
+    if os.path.isdir(spec):
+        spec = spec_path(spec)
+    run = subprocess.run([COREML_VALIDATE, spec], capture_output=True, encoding="utf-8", timeout=60)
+    out = run.stdout.rstrip("\n")
+    if run.returncode == 1:
+        assert out.startswith(VALIDATOR_PREFIX), out
+        out = out[len(VALIDATOR_PREFIX) :]
+    return run.returncode, out

@@ -58,3 +58,33 @@ def tree_digest(path: str) -> dict[str, bytes]:
             with open(full, "rb") as f:
                 out[os.path.relpath(full, path)] = f.read()
     return out
+
+
+@pytest.fixture(autouse=True)
+def apple_validator_agrees(monkeypatch):
+    """Every spec ``milsurgery.check`` judges (so every package a test writes, which is checked
+    before it is published) is also given to Apple's validator, and the two must agree: valid
+    or not, and on the first message. Rules marked ``program`` (the MIL program's, which Apple's
+    validator does not look at) are left out of the comparison."""
+    import importlib
+
+    import checks
+
+    if not checks.have_coreml_validate():
+        yield
+        return
+    module = importlib.import_module("milsurgery.check")
+    original = module.check
+
+    def check_and_compare(path, **kwargs):
+        report = original(path, **kwargs)
+        status, message = checks.coreml_validate(report.spec_path)
+        apple = [v for v in report.violations if v.rule != "program"]
+        assert status in (0, 1), f"Apple's validator could not read {report.spec_path}: {message}"
+        assert (status == 0) == (not apple), f"{report.spec_path}: validator says {message!r}, check says {apple}"
+        if apple:
+            assert message == apple[0].message, (message, apple[0].message)
+        return report
+
+    monkeypatch.setattr(module, "check", check_and_compare)
+    yield

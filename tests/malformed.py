@@ -8,6 +8,9 @@ command over every case; this module can also write the corpus to a directory, e
 
     python tests/malformed.py OUTDIR
 
+Some cases hold special files (FIFOs, symlinks to ``/dev/zero`` or out of the package): a tool
+that reads the corpus must not open every file blindly (``open`` of a FIFO blocks).
+
 The base package (built by :func:`make_base`) has two functions, ``a`` and ``b``, and three blobs:
 a float16 4x4 matrix and a 5-element uint4 index tensor (3 bytes, 4 padding bits) used by ``a``,
 and a float32 vector used by ``b``.
@@ -15,6 +18,7 @@ and a float32 vector used by ``b``.
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import shutil
@@ -186,6 +190,59 @@ def _symlink_spec_outside(pkg: str, outside: str) -> None:
     os.symlink(target, spec)
 
 
+def _fifo(rel: str) -> Callable[[str, str], None]:
+    """Replace a file by a FIFO nobody writes to: a reader that opens it blocking hangs."""
+
+    def damage(pkg: str, outside: str) -> None:
+        os.remove(os.path.join(pkg, rel))
+        os.mkfifo(os.path.join(pkg, rel))
+
+    return damage
+
+
+def _symlink(rel: str, target: str) -> Callable[[str, str], None]:
+    def damage(pkg: str, outside: str) -> None:
+        os.remove(os.path.join(pkg, rel))
+        os.symlink(target, os.path.join(pkg, rel))
+
+    return damage
+
+
+def _symlink_outside_copy(rel: str) -> Callable[[str, str], None]:
+    """Move a file out of the package (into the scratch directory) and leave a symlink to it."""
+
+    def damage(pkg: str, outside: str) -> None:
+        target = os.path.join(outside, f"{os.path.basename(pkg)}-{os.path.basename(rel)}")
+        shutil.move(os.path.join(pkg, rel), target)
+        os.symlink(target, os.path.join(pkg, rel))
+
+    return damage
+
+
+def _weights_dir_outside(pkg: str, outside: str) -> None:
+    """The whole weights/ directory moved outside the package, a symlink left in its place."""
+    weights = os.path.dirname(os.path.join(pkg, WEIGHTS))
+    target = os.path.join(outside, f"{os.path.basename(pkg)}-weights")
+    shutil.move(weights, target)
+    os.symlink(target, weights)
+
+
+def _unlist_weights(pkg: str, outside: str) -> None:
+    def edit(manifest: dict) -> None:
+        root = manifest["rootModelIdentifier"]
+        manifest["itemInfoEntries"] = {root: manifest["itemInfoEntries"][root]}
+
+    _edit_manifest(edit)(pkg, outside)
+
+
+def _chain(*steps: Callable[[str, str], None]) -> Callable[[str, str], None]:
+    def damage(pkg: str, outside: str) -> None:
+        for step in steps:
+            step(pkg, outside)
+
+    return damage
+
+
 def _drop_function(described: bool) -> Callable[[pb.Model], None]:
     """Remove function ``b`` from the description (``described`` False) or from the program."""
 
@@ -326,7 +383,172 @@ def cases(records: list[int]) -> list[Case]:
         Case("spec-default-not-a-function", _edit_spec(lambda m: setattr(m.description, "defaultFunctionName", "zz")),
              SpecError, S, ("defaultFunctionName", "'zz'")),
     ]
+
+    # special files and escapes: no hang (FIFO), no unbounded read (/dev/zero reports size 0),
+    # nothing read or written outside the package (a file or the weights directory symlinked out)
+    out += [
+        Case("manifest-fifo", _fifo(M), ManifestError, M, ("not a regular file", "FIFO")),
+        Case("manifest-is-a-directory", lambda p, o: (os.remove(os.path.join(p, M)), os.mkdir(os.path.join(p, M))),
+             ManifestError, M, ("not a regular file", "directory")),
+        Case("manifest-symlink-dev-zero", _symlink(M, "/dev/zero"), UnsafePathError, M, ("outside the package",)),
+        Case("manifest-symlink-out-of-package", _symlink_outside_copy(M), UnsafePathError, M,
+             ("outside the package",)),
+        Case("spec-fifo", _fifo(S), SpecError, S, ("not a regular file", "FIFO")),
+        Case("spec-symlink-dev-zero", _symlink(S, "/dev/zero"), UnsafePathError, M, ("symlink",)),
+        Case("weights-fifo", _fifo(W), PackageError, S, ("weight.bin", "not a regular file", "FIFO")),
+        Case("weights-symlink-dev-zero", _symlink(W, "/dev/zero"), UnsafePathError, S, ("weight.bin", "symlink")),
+        Case("weights-symlink-loop", _symlink(W, "weight.bin"), PackageError, S, ("weight.bin", "cannot open")),
+        Case("weights-dir-symlink-out-of-package", _weights_dir_outside, UnsafePathError, M,
+             ("itemInfoEntries", "symlink")),
+        # the same with the weights directory not listed in Manifest.json: caught at the blob file
+        Case("weights-dir-symlink-out-of-package-unlisted", _chain(_weights_dir_outside, _unlist_weights),
+             UnsafePathError, S, ("weight.bin", "symlink")),
+    ]
     return out
+
+
+#: Cases whose damage is a special file or an escape: run again in a child process, under a time
+#: limit and with its peak memory measured (tests/test_malformed.py).
+SPECIAL_FILE_CASES = (
+    "manifest-fifo",
+    "manifest-is-a-directory",
+    "manifest-symlink-dev-zero",
+    "manifest-symlink-out-of-package",
+    "spec-fifo",
+    "spec-symlink-dev-zero",
+    "weights-fifo",
+    "weights-is-a-directory",
+    "weights-symlink-dev-zero",
+    "weights-symlink-loop",
+    "weights-dir-symlink-out-of-package",
+    "weights-dir-symlink-out-of-package-unlisted",
+    "ref-symlink-out-of-package",
+)
+
+
+# -- hostile invocations -------------------------------------------------------------------------
+# Careless or hostile command lines around good packages. Each runs in a fresh work directory
+# laid out by :func:`make_work`:
+#
+#   WORK/proj/src.mlpackage   the source (the base package)
+#   WORK/proj/notes.txt       an unrelated file beside it
+#   WORK/proj/plain/          an unrelated directory (holding a file)
+#   WORK/target.mlpackage     a package to append to (another copy of the base)
+#   WORK/sub/                 an empty directory, the working directory of some cases
+#
+# Every case must end in one error line, exit 2, and leave WORK exactly as it was.
+
+
+@dataclass
+class OutputCase:
+    """An output path no writer may use: ``prepare(work)`` returns ``(output path, cwd)``."""
+
+    name: str
+    prepare: Callable[[str], tuple[str, str]]
+    error: type[MilSurgeryError]
+    expect: tuple[str, ...]
+
+
+@dataclass
+class Invocation:
+    """A whole command line: ``argv(work)`` returns ``(argv, cwd)``."""
+
+    name: str
+    argv: Callable[[str], tuple[list[str], str]]
+    error: type[MilSurgeryError]
+    expect: tuple[str, ...]
+
+
+def make_work(work: str, base: str) -> str:
+    os.makedirs(os.path.join(work, "proj", "plain"))
+    os.makedirs(os.path.join(work, "sub"))
+    shutil.copytree(base, os.path.join(work, "proj", "src.mlpackage"))
+    shutil.copytree(base, os.path.join(work, "target.mlpackage"))
+    with open(os.path.join(work, "proj", "notes.txt"), "w") as f:
+        f.write("not a package\n")
+    with open(os.path.join(work, "proj", "plain", "keep.txt"), "w") as f:
+        f.write("keep me\n")
+    return work
+
+
+def work_source(work: str) -> str:
+    return os.path.join(work, "proj", "src.mlpackage")
+
+
+#: Every command that writes a new package, given a source and an output, with --force.
+WRITERS: dict[str, Callable[[str, str], list[str]]] = {
+    "merge": lambda src, out: ["merge", "--force", "-o", out, src],
+    "shrink": lambda src, out: ["shrink", "--force", src, "-o", out],
+    "extract": lambda src, out: ["extract", "--force", src, "a", "-o", out],
+    "extract-single": lambda src, out: ["extract", "--force", src, "b", "--single", "-o", out],
+    "remove": lambda src, out: ["remove", "--force", src, "b", "-o", out],
+    "rename": lambda src, out: ["rename", "--force", src, "a=c", "-o", out],
+}
+
+_TOO_LONG = os.strerror(errno.ENAMETOOLONG)  # "File name too long"
+
+
+def output_cases() -> list[OutputCase]:
+    from milsurgery.errors import UsageError, WriteError
+
+    j = os.path.join
+    return [
+        OutputCase("output-holds-the-source", lambda w: (j(w, "proj"), w), UsageError,
+                   ("would replace the source",)),
+        OutputCase("output-is-inside-the-source", lambda w: (j(w, "proj", "src.mlpackage", "Data"), w), UsageError,
+                   ("lies inside the source",)),
+        OutputCase("output-new-inside-the-source", lambda w: (j(w, "proj", "src.mlpackage", "new.mlpackage"), w),
+                   UsageError, ("lies inside the source",)),
+        OutputCase("output-empty", lambda w: ("", j(w, "sub")), UsageError, ("is empty",)),
+        OutputCase("output-current-directory", lambda w: (".", j(w, "sub")), UsageError, ("current directory",)),
+        OutputCase("output-ancestor-of-cwd", lambda w: ("..", j(w, "sub")), UsageError, ("current directory",)),
+        OutputCase("output-plain-directory", lambda w: (j(w, "proj", "plain"), w), UsageError,
+                   ("replaces only an existing .mlpackage",)),
+        OutputCase("output-plain-file", lambda w: (j(w, "proj", "notes.txt"), w), UsageError,
+                   ("replaces only an existing .mlpackage",)),
+        OutputCase("output-holds-a-nul-character", lambda w: (j(w, "a\x00b.mlpackage"), w), UsageError,
+                   ("not usable",)),
+        OutputCase("output-name-too-long", lambda w: (j(w, "a" * 300 + ".mlpackage"), w), WriteError, (_TOO_LONG,)),
+        OutputCase("output-path-too-long", lambda w: (j(w, *["d"] * 2100, "x.mlpackage"), w), WriteError,
+                   (_TOO_LONG,)),
+    ]
+
+
+BAD_NAME = "a\udcff"  # what Python makes of the bytes b"a\xff" in a command line
+
+
+def invocations() -> list[Invocation]:
+    from milsurgery.errors import UsageError
+
+    j = os.path.join
+    out = lambda w: j(w, "out.mlpackage")  # noqa: E731
+    src = work_source
+    return [
+        Invocation("name-not-utf8-rename", lambda w: (["rename", src(w), f"a={BAD_NAME}", "-o", out(w)], w),
+                   UsageError, ("not valid UTF-8",)),
+        Invocation("name-not-utf8-merge", lambda w: (["merge", "-o", out(w), f"{src(w)}:a={BAD_NAME}"], w),
+                   UsageError, ("not valid UTF-8",)),
+        Invocation("name-not-utf8-extract", lambda w: (["extract", src(w), f"b={BAD_NAME}", "-o", out(w)], w),
+                   UsageError, ("not valid UTF-8",)),
+        Invocation("name-not-utf8-extract-single",
+                   lambda w: (["extract", "--single", src(w), f"b={BAD_NAME}", "-o", out(w)], w),
+                   UsageError, ("not valid UTF-8",)),
+        Invocation("name-not-utf8-append",
+                   lambda w: (["append", j(w, "target.mlpackage"), f"{src(w)}:a={BAD_NAME}"], w),
+                   UsageError, ("not valid UTF-8",)),
+        Invocation("name-not-utf8-unknown-function", lambda w: (["extract", src(w), BAD_NAME, "-o", out(w)], w),
+                   UsageError, ("no function",)),
+        Invocation("name-not-utf8-default",
+                   lambda w: (["merge", "--default", BAD_NAME, "-o", out(w), src(w)], w), UsageError,
+                   ("default function",)),
+        Invocation("name-not-utf8-remove", lambda w: (["remove", src(w), BAD_NAME, "-o", out(w)], w), UsageError,
+                   ("no function",)),
+        Invocation("append-into-missing-package",
+                   lambda w: (["append", j(w, "nothing.mlpackage"), f"{src(w)}:a=z"], w), PackageError,
+                   ("does not exist",)),
+        Invocation("shrink-in-place-not-a-package",
+                   lambda w: (["shrink", "--in-place", j(w, "proj", "plain")], w), ManifestError, ("missing",)),
+    ]
 
 
 def build(corpus_dir: str) -> list[tuple[Case, str]]:

@@ -126,12 +126,8 @@ def test_guide_output_passes_apples_validator(guide, tmp_path):
     desc.default_function_name = "adapter_1"
     milsurgery.coreml.save_multifunction(desc, out)
     run = subprocess.run([VALIDATOR, checks.spec_path(out)], capture_output=True, text=True)
-    if run.returncode != 0 and checks.ct_spec(out).description.input:
-        # Known: merge still writes the first source's model-level I/O beside the functions'
-        # descriptions, which the validator rejects; any other complaint fails here.
-        assert "must not use top level input feature description" in run.stdout + run.stderr, run.stdout + run.stderr
-        pytest.xfail("merge writes model-level I/O into multi-function specs (validator rejects it)")
     assert run.returncode == 0, run.stdout + run.stderr
+    assert not checks.ct_spec(out).description.input  # multi-function: I/O only per function
 
 
 def test_descriptor_without_coremltools(guide, tmp_path):

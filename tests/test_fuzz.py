@@ -1037,13 +1037,19 @@ def test_regression_merge_verify_leaves_output_that_does_not_open(seeds, scratch
             assert_same_blobs(pkg, out)
 
 
-def test_regression_verify_duplicate_map_entry(seeds, scratch):
+@pytest.mark.parametrize("last_differs", [False, True])
+def test_regression_verify_duplicate_map_entry(seeds, scratch, last_differs):
     """IndexError in verify._block_difference: an op whose attribute entries differ from the
-    source's only by a repeated key (the dicts built from them are equal) leaves ``keys`` empty."""
+    source's only by a repeated key (the dicts built from them are equal) leaves ``keys`` empty.
+    Maps are compared as maps, where the last entry of a repeated key wins (as when protobuf
+    parses a map): a repeated identical entry is the same map, a different last one is not."""
 
     def edit(m):
         op = m.mlProgram.functions[0].value.block_specializations[0].value.operations[0]
-        op.attributes.add().CopyFrom(op.attributes[0])
+        extra = op.attributes.add()
+        extra.CopyFrom(op.attributes[0])
+        if last_differs:
+            extra.value.docString = "changed"
 
     seed = seeds["fp16"]
     with mutated_package(seed, scratch) as (_, pkg):
@@ -1054,7 +1060,7 @@ def test_regression_verify_duplicate_map_entry(seeds, scratch):
         except MilSurgeryError as exc:
             assert_names_file("verify", exc, {PKG_NAME, os.path.basename(seed.path)})
         else:
-            assert not report.equivalent
+            assert report.equivalent != last_differs
 
 
 def test_regression_verify_staged_output_that_does_not_open(seeds, scratch):

@@ -43,6 +43,7 @@ COVERED_ELSEWHERE = {
 NOT_RUN = {
     "bench/compress_bench.py": "minutes at the size the README shows; no small-size test of it exists yet",
     "bench/adopt_bench.py": "builds compressed pairs with coremltools (minutes); no small-size test of it exists yet",
+    "bench/scale_bench.py": "builds thousands of functions per size and times every command; run by hand",
     "bench/show_bench.py": "loads every weight with coremltools at the sizes shown; no small-size test of it exists yet",
 }
 
