@@ -43,7 +43,7 @@ from ._mil_ops import OP_INPUTS, OPSETS
 from ._proto import milsurgery_spec_pb2 as pb
 from .errors import InvalidModelError, SpecError
 from .formats import MAIN_FUNCTION, MAX_SPEC_BYTES, SPEC_FOR_OPSET
-from .package import Package, locate_spec
+from .package import Package, locate_spec, read_input
 
 __all__ = [
     "MODEL_LEVEL_IO",
@@ -520,16 +520,16 @@ def check_model(model: pb.Model) -> list[Violation]:
     return spec_violations(model) + mil_violations(model)
 
 
-def read_spec(path: str) -> pb.Model:
-    """Parse the spec file at ``path`` without judging it (that is :func:`check_model`'s job)."""
-    try:
-        size = os.path.getsize(path)
-        if size > MAX_SPEC_BYTES:
-            raise SpecError(path, f"spec is {size} bytes, more than the {MAX_SPEC_BYTES}-byte limit")
-        with open(path, "rb") as f:
-            data = f.read()
-    except OSError as exc:
-        raise SpecError(path, f"cannot read spec: {exc.strerror}") from None
+def read_spec(path: str, root: str | None = None) -> pb.Model:
+    """Parse the spec file at ``path`` without judging it (that is :func:`check_model`'s job).
+
+    The file is read as every package file is (:func:`milsurgery.package.read_input`): inside
+    ``root`` (default: its own directory), a regular file opened without blocking, at most
+    :data:`MAX_SPEC_BYTES` read."""
+    data = read_input(
+        root if root is not None else os.path.dirname(path), path, MAX_SPEC_BYTES,
+        fault=lambda message: SpecError(path, f"spec file {message}"),
+    )
     if not data:
         raise SpecError(path, "spec is empty")
     model = pb.Model()
@@ -555,7 +555,7 @@ def check(path: str | os.PathLike, *, weights: bool = True) -> CheckReport:
     path = os.path.abspath(os.fspath(path))
     is_package = os.path.isdir(path)
     spec_path = locate_spec(path) if is_package else path
-    model = read_spec(spec_path)
+    model = read_spec(spec_path, path if is_package else None)
     report = CheckReport(path, spec_path, check_model(model))
     if report.valid and is_package and weights:
         Package(path).close()

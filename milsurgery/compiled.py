@@ -27,7 +27,7 @@ from ._proto import milsurgery_spec_pb2 as pb
 from .errors import FormatError, PackageError, SpecError
 from .formats import MANIFEST_NAME, MULTIFUNCTION_SPEC_VERSION, SPEC_FOR_OPSET
 from .miltext import read_program
-from .package import Package, package_path
+from .package import Package, package_path, read_input
 from .spec import default_function, function_descriptions, iter_blob_refs
 
 __all__ = ["CompiledModel", "open_model", "is_compiled", "MIL_NAME", "METADATA_NAME"]
@@ -78,16 +78,12 @@ def open_model(path: str | os.PathLike) -> Package:
     return Package(path)
 
 
-def _read_json(path: str, limit: int):
-    try:
-        with open(path, "rb") as f:
-            data = f.read(limit + 1)
-    except FileNotFoundError:
+def _read_json(root: str, path: str, limit: int):
+    """The JSON value of ``path`` inside the compiled model ``root`` (read as every model file is,
+    :func:`milsurgery.package.read_input`), or None when there is no such file."""
+    if not os.path.lexists(path):
         return None
-    except OSError as exc:
-        raise FormatError(path, f"cannot read: {exc.strerror}") from None
-    if len(data) > limit:
-        raise FormatError(path, f"larger than {limit} bytes")
+    data = read_input(root, path, limit, fault=lambda message: FormatError(path, message))
     try:
         return json.loads(data.decode("utf-8"))
     except (ValueError, RecursionError) as exc:
@@ -139,16 +135,16 @@ class CompiledModel(Package):
         self._root_real = os.path.realpath(self.path)
         self.manifest, self.manifest_path = {}, None
         self.mil_path = os.path.join(self.path, MIL_NAME)
-        if not os.path.isfile(self.mil_path):
+        if not os.path.lexists(self.mil_path):
             raise PackageError(
                 f"{self.mil_path}: missing: not a compiled ML program (a compiled neural network has no model.mil)"
             )
         self.spec_path = self.mil_path
         self.weights_dir = os.path.join(self.path, "weights")
         self.unrecovered: list[str] = []
-        program, self.spec_size = read_program(self.mil_path)
+        program, self.spec_size = read_program(self.mil_path, self.path)
         meta_path = os.path.join(self.path, METADATA_NAME)
-        meta = _read_json(meta_path, MAX_METADATA_BYTES)
+        meta = _read_json(self.path, meta_path, MAX_METADATA_BYTES)
         if meta is None:
             self.unrecovered.append(f"{METADATA_NAME} is missing: I/O rebuilt from the MIL signatures, no metadata")
             meta = [{}]

@@ -1090,19 +1090,19 @@ def parse_program(text: str, path: str = "<text>") -> pb.MILProgram:
         raise MilTextError(path, 0, 0, "nested too deeply") from None
 
 
-def read_program(path: str | os.PathLike) -> tuple[pb.MILProgram, int]:
-    """Read and parse a model.mil file (one bounded read); returns the program and its size."""
+def read_program(path: str | os.PathLike, root: str | os.PathLike | None = None) -> tuple[pb.MILProgram, int]:
+    """Read and parse a model.mil file; returns the program and its size.
+
+    The file is read as every model file is (:func:`milsurgery.package.read_input`): inside
+    ``root`` (default: its own directory), a regular file opened without blocking, at most
+    :data:`MAX_MILTEXT_BYTES` read."""
+    from .package import read_input  # package sits above this module
+
     path = os.fspath(path)
-    try:
-        with open(path, "rb") as f:
-            size = os.fstat(f.fileno()).st_size
-            if size > MAX_MILTEXT_BYTES:
-                raise MilTextError(path, 0, 0, f"{size} bytes, more than the {MAX_MILTEXT_BYTES}-byte limit")
-            data = f.read(MAX_MILTEXT_BYTES + 1)
-    except OSError as exc:
-        raise MilTextError(path, 0, 0, f"cannot read: {exc.strerror}") from None
-    if len(data) > MAX_MILTEXT_BYTES:
-        raise MilTextError(path, 0, 0, f"more than the {MAX_MILTEXT_BYTES}-byte limit")
+    data = read_input(
+        root if root is not None else os.path.dirname(os.path.abspath(path)), path, MAX_MILTEXT_BYTES,
+        fault=lambda message: MilTextError(path, 0, 0, message),
+    )
     try:
         text = data.decode("utf-8")
     except UnicodeDecodeError as exc:

@@ -26,6 +26,11 @@ _IDENTIFIER = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 def check_function_name(name: str) -> str:
     """Return ``name`` if it is a MIL identifier (a letter or ``_``, then letters, digits or ``_``);
     raise :class:`UsageError` naming it otherwise."""
+    if isinstance(name, str):
+        try:
+            name.encode("utf-8")
+        except UnicodeEncodeError as exc:  # undecodable bytes from a command line (lone surrogates)
+            raise UsageError(f"function name {name!r} is not valid UTF-8 at character {exc.start}") from None
     if not isinstance(name, str) or not _IDENTIFIER.fullmatch(name):
         raise UsageError(
             f"function name {name!r} is not a MIL identifier (a letter or _, then letters, digits or _)"

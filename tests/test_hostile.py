@@ -25,7 +25,7 @@ import pytest
 
 import minipkg
 from checks import all_records, ct_load_program, ct_read_referenced_blobs
-from milsurgery import PackageError, UnsafePathError, inspect_package, merge, open_package, shrink, verify
+from milsurgery import FormatError, PackageError, SpecError, UnsafePathError, check, inspect_package, merge, open_package, shrink, verify
 from milsurgery.cli import main
 from milsurgery.memory import memory_model
 from milsurgery.package import PARTIAL_MARKER, read_input
@@ -264,3 +264,38 @@ def test_running_union_equals_the_batch_union():
             union.add(*span)
             added.append(span)
             assert union.total == _union_bytes(added)
+
+
+@pytest.mark.parametrize("name", ["model.mil", "metadata.json"])
+@pytest.mark.parametrize("kind", ["fifo", "symlink out", "directory"])
+def test_compiled_model_files_are_opened_like_package_files(plain, tmp_path, name, kind):
+    """model.mil and metadata.json of a compiled model: contained, regular files, never a hang."""
+    from compiled_layout import lay_out_compiled
+
+    compiled = lay_out_compiled(plain, str(tmp_path / "m.mlmodelc"))
+    target = os.path.join(compiled, name)
+    os.replace(target, tmp_path / "outside")
+    if kind == "fifo":
+        os.mkfifo(target)
+    elif kind == "symlink out":
+        os.symlink(str(tmp_path / "outside"), target)
+    else:
+        os.mkdir(target)
+    with time_limit(20):
+        code = main(["inspect", compiled])
+    assert code == 2
+    with time_limit(20), pytest.raises((PackageError, FormatError)) as info:
+        inspect_package(compiled)
+    assert name in str(info.value)
+    expected = {"fifo": "FIFO", "symlink out": "outside the package", "directory": "directory"}[kind]
+    assert expected in str(info.value)
+
+
+def test_check_reads_a_spec_file_without_blocking(tmp_path):
+    """``check`` on a bare spec path that is a FIFO or a device: one error, no hang."""
+    fifo = tmp_path / "model.mlmodel"
+    os.mkfifo(fifo)
+    with time_limit(20):
+        assert main(["check", str(fifo)]) == 2
+    with time_limit(20), pytest.raises(SpecError, match="FIFO"):
+        check(str(fifo))

@@ -445,7 +445,7 @@ def test_model_mil_reads_are_bounded(tmp_path, monkeypatch):
     path.write_text("program(1.3)\n{\n}\n")
     assert read_program(path)[1] == 17
     monkeypatch.setattr(miltext, "MAX_MILTEXT_BYTES", 8)
-    with pytest.raises(MilTextError, match=r"model\.mil: 17 bytes, more than the 8-byte limit"):
+    with pytest.raises(MilTextError, match=r"model\.mil: is too large: larger than 8 bytes"):
         read_program(path)
 
 
