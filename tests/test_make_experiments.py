@@ -11,6 +11,7 @@ import sys
 
 import pytest
 
+import checks
 from milsurgery.memory import memory_model
 from milsurgery.package import Package
 
@@ -214,3 +215,12 @@ def test_values_giving_one_name_are_a_usage_error(bad, message, tmp_path, capsys
     assert exc.value.code == 2
     assert message in capsys.readouterr().err
     assert not list(tmp_path.iterdir())
+
+
+@pytest.mark.skipif(not checks.have_coreml_validate(),
+                    reason="Apple's validator is not at ../shared/tools/coreml-validate (see its README)")
+def test_every_package_written_passes_apples_validator(made):
+    for e in entries(made):
+        for rel in [e["path"], *e["separate"].values()]:
+            status, message = checks.coreml_validate(at(made, rel))
+            assert (status, message) == (0, "valid"), f"{rel}: {message}"
