@@ -37,13 +37,13 @@ import functools
 import os
 from dataclasses import dataclass, field
 
-from google.protobuf.message import DecodeError
 
 from ._mil_ops import OP_INPUTS, OPSETS
 from ._proto import milsurgery_spec_pb2 as pb
 from .errors import InvalidModelError, SpecError
 from .formats import MAIN_FUNCTION, MAX_SPEC_BYTES, SPEC_FOR_OPSET
 from .package import Package, locate_spec, read_input
+from .spec import decode_model
 
 __all__ = [
     "MODEL_LEVEL_IO",
@@ -530,16 +530,7 @@ def read_spec(path: str, root: str | None = None) -> pb.Model:
         root if root is not None else os.path.dirname(path), path, MAX_SPEC_BYTES,
         fault=lambda message: SpecError(path, f"spec file {message}"),
     )
-    if not data:
-        raise SpecError(path, "spec is empty")
-    model = pb.Model()
-    try:
-        model.ParseFromString(data)
-    except (DecodeError, RecursionError, ValueError) as exc:
-        raise SpecError(path, f"not a valid Model protobuf ({exc})") from None
-    if model.WhichOneof("Type") != "mlProgram":
-        raise SpecError(path, "field mlProgram (502): not an ML program (check applies the rules for ML programs only)")
-    return model
+    return decode_model(data, path, "check applies the rules for ML programs only")
 
 
 def check(path: str | os.PathLike, *, weights: bool = True) -> CheckReport:

@@ -28,6 +28,7 @@ from .formats import (
 
 __all__ = [
     "pb",
+    "decode_model",
     "parse_spec",
     "entries",
     "entry",
@@ -42,8 +43,9 @@ __all__ = [
 ]
 
 
-def parse_spec(data: bytes, path: str) -> pb.Model:
-    """Parse and check a spec: an ML program whose description and program agree on functions."""
+def decode_model(data: bytes, path: str, why: str) -> pb.Model:
+    """Decode spec bytes into a Model that holds an ML program, judging nothing else; ``why``
+    ends the message when it is not an ML program."""
     if len(data) > MAX_SPEC_BYTES:
         raise SpecError(path, f"spec is {len(data)} bytes, more than the {MAX_SPEC_BYTES}-byte limit")
     if not data:
@@ -54,11 +56,15 @@ def parse_spec(data: bytes, path: str) -> pb.Model:
     except (DecodeError, RecursionError, ValueError) as exc:
         raise SpecError(path, f"not a valid Model protobuf ({exc})") from None
     if model.WhichOneof("Type") != "mlProgram":
-        raise SpecError(
-            path,
-            "field mlProgram (502): not an ML program (milsurgery handles ML programs only; "
-            "neural networks and pipelines are not supported)",
-        )
+        raise SpecError(path, f"field mlProgram (502): not an ML program ({why})")
+    return model
+
+
+def parse_spec(data: bytes, path: str) -> pb.Model:
+    """Parse and check a spec: an ML program whose description and program agree on functions."""
+    model = decode_model(
+        data, path, "milsurgery handles ML programs only; neural networks and pipelines are not supported"
+    )
     version = model.specificationVersion
     if version < MIN_MLPROGRAM_SPEC_VERSION:
         raise SpecError(
