@@ -37,7 +37,6 @@ import functools
 import os
 from dataclasses import dataclass, field
 
-
 from ._mil_ops import OP_INPUTS, OPSETS
 from ._proto import milsurgery_spec_pb2 as pb
 from .errors import InvalidModelError, SpecError
