@@ -36,7 +36,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 sys.path.insert(0, HERE)
 
-from merge_bench import build_pair, settle, warm, weight_bin  # noqa: E402
+from merge_bench import REFERENCE, build_pair, settle, warm, weight_bin  # noqa: E402
 
 PALETTIZE = """
 import sys
@@ -48,16 +48,7 @@ config = OpPalettizerConfig(nbits=nbits, mode=mode, granularity="per_grouped_cha
 palettize_weights(model, OptimizationConfig(global_config=config)).save(out)
 """
 
-SAVE_MULTIFUNCTION = """
-import sys
-import coremltools as ct
-a, b, out = sys.argv[1:4]
-desc = ct.utils.MultiFunctionDescriptor()
-desc.add_function(a, "main", "infer")
-desc.add_function(b, "main", "prefill")
-desc.default_function_name = "infer"
-ct.utils.save_multifunction(desc, out)
-"""
+SAVE_MULTIFUNCTION = REFERENCE  # coremltools merging infer and prefill, as merge_bench runs it
 
 
 def _tree_rss_kib(pid: int) -> int:

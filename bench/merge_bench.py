@@ -68,29 +68,31 @@ def layers_for(size_mib: int) -> tuple[int, int, int]:
     return hidden, ffn, layers
 
 
+def build_llm(workdir: str, size_mib: int, name: str, seq: int) -> str:
+    """One LLM-like package of a size (``infer`` at seq 1, ``prefill`` at 64), built once in a
+    child process and cached in ``workdir``."""
+    hidden, ffn, layers = layers_for(size_mib)
+    path = os.path.join(workdir, f"llm-{size_mib}m-h{hidden}-l{layers}-{name}.mlpackage")
+    if not os.path.isdir(path):
+        print(f"building {path} ...", file=sys.stderr, flush=True)
+        tmp = path[: -len(".mlpackage")] + "-building.mlpackage"
+        shutil.rmtree(tmp, ignore_errors=True)
+        build = (
+            "import sys; sys.path.insert(0, sys.argv[1]); from ct_models import llm_like; "
+            "llm_like(sys.argv[2], seq_len=int(sys.argv[3]), vocab=int(sys.argv[4]), hidden=int(sys.argv[5]), "
+            "ffn=int(sys.argv[6]), layers=int(sys.argv[7]), seed=0)"
+        )
+        subprocess.run(
+            [sys.executable, "-c", build, os.path.join(ROOT, "tests"), tmp, str(seq), str(VOCAB), str(hidden), str(ffn), str(layers)],
+            check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        )
+        os.rename(tmp, path)
+    return path
+
+
 def build_pair(workdir: str, size_mib: int) -> tuple[str, str]:
     """The infer/prefill pair for a size, built once (in a child process) and cached."""
-    hidden, ffn, layers = layers_for(size_mib)
-    tag = f"llm-{size_mib}m-h{hidden}-l{layers}"
-    paths = []
-    for name, seq in (("infer", 1), ("prefill", 64)):
-        path = os.path.join(workdir, f"{tag}-{name}.mlpackage")
-        if not os.path.isdir(path):
-            print(f"building {path} ...", file=sys.stderr, flush=True)
-            tmp = path[: -len(".mlpackage")] + "-building.mlpackage"
-            shutil.rmtree(tmp, ignore_errors=True)
-            build = (
-                "import sys; sys.path.insert(0, sys.argv[1]); from ct_models import llm_like; "
-                "llm_like(sys.argv[2], seq_len=int(sys.argv[3]), vocab=int(sys.argv[4]), hidden=int(sys.argv[5]), "
-                "ffn=int(sys.argv[6]), layers=int(sys.argv[7]), seed=0)"
-            )
-            subprocess.run(
-                [sys.executable, "-c", build, os.path.join(ROOT, "tests"), tmp, str(seq), str(VOCAB), str(hidden), str(ffn), str(layers)],
-                check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-            )
-            os.rename(tmp, path)
-        paths.append(path)
-    return paths[0], paths[1]
+    return build_llm(workdir, size_mib, "infer", 1), build_llm(workdir, size_mib, "prefill", 64)
 
 
 def weight_bin(pkg: str) -> str:

@@ -19,15 +19,13 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import shutil
-import subprocess
 import sys
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 sys.path.insert(0, HERE)
 
-from merge_bench import VOCAB, layers_for, run_interleaved, warm, weight_bin  # noqa: E402
+from merge_bench import build_llm, run_interleaved, warm, weight_bin  # noqa: E402
 
 REFERENCE = """
 import os, sys
@@ -42,29 +40,8 @@ sys.stdout.write(str(program))
 TOOLS = ("coremltools", "milsurgery show")
 
 
-def build_infer(workdir: str, size_mib: int) -> str:
-    """The ``infer`` package of ``merge_bench.py`` for a size, built once (in a child process)."""
-    hidden, ffn, layers = layers_for(size_mib)
-    path = os.path.join(workdir, f"llm-{size_mib}m-h{hidden}-l{layers}-infer.mlpackage")
-    if not os.path.isdir(path):
-        print(f"building {path} ...", file=sys.stderr, flush=True)
-        tmp = path[: -len(".mlpackage")] + "-building.mlpackage"
-        shutil.rmtree(tmp, ignore_errors=True)
-        build = (
-            "import sys; sys.path.insert(0, sys.argv[1]); from ct_models import llm_like; "
-            "llm_like(sys.argv[2], seq_len=1, vocab=int(sys.argv[3]), hidden=int(sys.argv[4]), "
-            "ffn=int(sys.argv[5]), layers=int(sys.argv[6]), seed=0)"
-        )
-        subprocess.run(
-            [sys.executable, "-c", build, os.path.join(ROOT, "tests"), tmp, str(VOCAB), str(hidden), str(ffn), str(layers)],
-            check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-        )
-        os.rename(tmp, path)
-    return path
-
-
 def run_size(workdir: str, size_mib: int, repeat: int) -> dict:
-    pkg = build_infer(workdir, size_mib)
+    pkg = build_llm(workdir, size_mib, "infer", 1)
     warm(pkg)
     spec = os.path.join(pkg, "Data", "com.apple.CoreML", "model.mlmodel")
     tools = {
