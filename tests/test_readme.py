@@ -38,13 +38,13 @@ COVERED_ELSEWHERE = {
     "bench/make_experiments.py": "tests/test_make_experiments.py",
     "bench/load_memory.py": "tests/test_load_memory_harness.py",
     "bench/scale_bench.py": "tests/test_hostile.py",
+    "bench/show_bench.py": "tests/test_bench_smoke.py",
+    "bench/compress_bench.py": "tests/test_bench_smoke.py",
 }
 
 #: bench scripts shown in the README that no test runs yet, with the reason; each is a gap.
 NOT_RUN = {
-    "bench/compress_bench.py": "minutes at the size the README shows; no small-size test of it exists yet",
     "bench/adopt_bench.py": "builds compressed pairs with coremltools (minutes); no small-size test of it exists yet",
-    "bench/show_bench.py": "loads every weight with coremltools at the sizes shown; no small-size test of it exists yet",
 }
 
 
