@@ -1,4 +1,4 @@
-"""bench/show_bench.py and bench/compress_bench.py run end to end on their smallest inputs.
+"""bench/show_bench.py, bench/compress_bench.py and bench/adopt_bench.py run end to end on small inputs.
 
 Timings are not checked (they belong to the benchmarks); what is checked is that each tool ran,
 and that what the benchmark reports follows from what it measured.
@@ -45,3 +45,16 @@ def test_compress_bench_runs_merge_then_compress(tmp_path):
     assert r["milsurgery"]["peak_rss_mib"] == max(s["peak_rss_mib"] for s in steps.values())
     # 4-bit indices and small LUTs: the compressed package is far smaller than its fp16 input
     assert 0 < r["output_bytes"]["milsurgery"] < r["input_weight_bytes"] / 2
+
+
+def test_adopt_bench_adopts_what_its_independent_check_expects(tmp_path):
+    import adopt_bench
+
+    out = tmp_path / "r.json"
+    argv = ["--sizes", "4", "--kinds", "int8", "--no-reference", "--workdir", str(tmp_path / "w"), "--json", str(out)]
+    assert adopt_bench.main(argv) == 0
+    [r] = json.loads(out.read_text())
+    assert r["adopted_as_expected"] is True and r["expected"]["pass"] > 0
+    # every passing pair adopted: the output is the single function's size
+    assert r["merge --adopt"]["output_bytes"] == r["infer_bytes"] < r["merge"]["output_bytes"]
+    assert r["time_vs_plain_merge"] == round(r["merge --adopt"]["seconds"] / r["merge"]["seconds"], 2)

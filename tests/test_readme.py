@@ -40,11 +40,11 @@ COVERED_ELSEWHERE = {
     "bench/scale_bench.py": "tests/test_hostile.py",
     "bench/show_bench.py": "tests/test_bench_smoke.py",
     "bench/compress_bench.py": "tests/test_bench_smoke.py",
+    "bench/adopt_bench.py": "tests/test_bench_smoke.py",
 }
 
 #: bench scripts shown in the README that no test runs yet, with the reason; each is a gap.
 NOT_RUN = {
-    "bench/adopt_bench.py": "builds compressed pairs with coremltools (minutes); no small-size test of it exists yet",
 }
 
 
