@@ -36,6 +36,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 sys.path.insert(0, HERE)
 
+import adopt_bench  # noqa: E402
 from merge_bench import REFERENCE, build_pair, settle, warm, weight_bin  # noqa: E402
 
 PALETTIZE = """
@@ -49,6 +50,20 @@ palettize_weights(model, OptimizationConfig(global_config=config)).save(out)
 """
 
 SAVE_MULTIFUNCTION = REFERENCE  # coremltools merging infer and prefill, as merge_bench runs it
+
+
+def drift_pair(workdir: str, size_mib: int) -> tuple[str, str]:
+    """adopt_bench's fp16 infer/prefill pair: the same float weights converted at sequence length 1
+    and 8, the prefill's with a fraction ``adopt_bench.NUDGE`` of elements one fp16 ulp up (the
+    drift of graph-dependent casts). Built once and cached under adopt_bench's names."""
+    layers = adopt_bench.layers_for(size_mib)
+    tag = f"adopt-{size_mib}m-h{adopt_bench.HIDDEN}-l{layers}"
+    out = []
+    for name, seq, nudge in (("infer", 1, 0.0), ("prefill", 8, adopt_bench.NUDGE)):
+        args = (str(seq), str(layers), str(adopt_bench.HIDDEN), str(nudge))
+        path = os.path.join(workdir, f"{tag}-{name}-fp16.mlpackage")
+        out.append(adopt_bench.cached(path, lambda tmp, a=args: adopt_bench.run_py(adopt_bench.BUILD, tmp, *a)))
+    return out[0], out[1]
 
 
 def _tree_rss_kib(pid: int) -> int:

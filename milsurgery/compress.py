@@ -313,6 +313,86 @@ def _grouping(c: _Candidate, config: _Config) -> tuple:
 
 # -- the work of one weight (runs in a worker process) ------------------------------------------
 
+#: Elements of a weight read and compressed at once (8 MiB of float16): a weight is processed in
+#: windows of whole groups (palettization) or whole blocks (quantization) along its first axis,
+#: and each window's encoded blobs are written before the next is read.
+WINDOW_ELEMENTS = 1 << 22
+
+
+def _layout(shape: tuple[int, ...], dtype: str, grouping: tuple, config: _Config) -> tuple[str, list[tuple[str, str, list[int]]]]:
+    """The constexpr op and its blobs ``(input key, blob dtype, shape)`` for a weight."""
+    kind, axis, how = grouping
+    if kind == "palettize":
+        lut = [1] * (len(shape) + 2)
+        lut[axis] = shape[axis] // how if how else 1
+        lut[-2] = 1 << config.nbits
+        return "constexpr_lut_to_dense", [("indices", f"uint{config.nbits}", list(shape)), ("lut", dtype, lut)]
+    scale = [size // b if b else 1 for size, b in zip(shape, how)]
+    return "constexpr_blockwise_shift_scale", [("data", config.dtype, list(shape)), ("scale", dtype, scale)]
+
+
+def _window_rows(shape: tuple[int, ...], grouping: tuple) -> int:
+    """Rows along axis 0 that can be compressed on their own: whole groups or blocks, in windows
+    of about :data:`WINDOW_ELEMENTS` (all rows when the groups or blocks span axis 0)."""
+    kind, axis, how = grouping
+    rows = shape[0]
+    if kind == "palettize":
+        unit = (how or rows) if axis == 0 else rows
+    else:
+        unit = how[0] or rows
+    row_len = 1
+    for s in shape[1:]:
+        row_len *= s
+    return unit * max(1, WINDOW_ELEMENTS // max(1, unit * row_len))
+
+
+class _Sink:
+    """One output blob written window by window at its place in the scratch file (or only
+    counted, or kept for an inline tensor). Sub-byte codes are packed in runs of 8 so every
+    window's bytes start on a byte boundary; a remainder waits for the next window."""
+
+    def __init__(self, fd: int | None, name: str, offset: int | None, inline: bool):
+        self.fd, self.dtype, self.offset, self.inline = fd, BLOB_DTYPE_BY_NAME[name], offset, inline
+        self.count = 0
+        self.parts: list = []  # inline: the values; sub-byte: codes waiting to be packed
+
+    def _write(self, raw: bytes) -> None:
+        view = memoryview(raw)
+        while view:
+            n = os.pwrite(self.fd, view, self.offset)
+            view, self.offset = view[n:], self.offset + n
+
+    def add(self, values) -> None:
+        import numpy as np
+
+        values = values.reshape(-1)
+        self.count += values.size
+        if self.inline or self.fd is None:
+            if self.inline:
+                self.parts.append(values)
+            return
+        d = self.dtype
+        if not d.sub_byte:
+            self._write(values.astype(d.numpy).tobytes())
+            return
+        if self.parts:
+            values = np.concatenate([*self.parts, values])
+        whole = values.size - values.size % 8
+        self.parts = [values[whole:]] if whole < values.size else []
+        if whole:
+            self._write(pack_codes(values[:whole], d.bits))
+
+    def finish(self) -> tuple[bytes | None, int]:
+        """(inline raw bytes or None, padding bits)."""
+        import numpy as np
+
+        padding = (-self.count * self.dtype.bits) % 8 if self.dtype.sub_byte else 0
+        if self.inline:
+            return _encode(self.dtype.name, np.concatenate(self.parts))[1], padding
+        if self.parts and self.fd is not None:
+            self._write(pack_codes(np.concatenate(self.parts), self.dtype.bits))
+        return None, padding
+
 
 def _encode(name: str, values) -> tuple[str, bytes, int]:
     d = BLOB_DTYPE_BY_NAME[name]
@@ -322,34 +402,50 @@ def _encode(name: str, values) -> tuple[str, bytes, int]:
 
 
 def _compress_one(job: tuple) -> dict:
-    """Read one weight, compress it, return its encoded blobs (or only sizes) and its error."""
+    """Compress one weight window by window: read the window's values from the source blob,
+    compress them, write the encoded blobs at their reserved places in the scratch file
+    ``out_path`` (None: only measure); return the error and what describes the blobs (only
+    inline tensors' bytes travel back)."""
     import numpy as np
 
-    path, offset, count, dtype, shape, grouping, config, encode = job
+    path, offset, dtype, shape, grouping, config, out_path, places = job
     np_type = np.dtype("<f2" if dtype == "float16" else "<f4")
-    values = np.fromfile(path, dtype=np_type, count=count, offset=offset)  # the one copy of the weight
-    values = values.astype(np_type.newbyteorder("="), copy=False).reshape(shape)
-    if not np.all(np.isfinite(values)):
-        return {"skip": "holds inf or NaN values"}
-    errors = ErrorSums()
+    op_type, blobs = _layout(shape, dtype, grouping, config)
     kind, axis, how = grouping
-    if kind == "palettize":
-        indices, lut = palettize(values, config.nbits, config.mode, axis, how, errors)
-        op_type = "constexpr_lut_to_dense"
-        blobs = [("indices", f"uint{config.nbits}", indices), ("lut", dtype, lut)]
-    else:
-        data, scale = quantize(values, config.dtype, list(how), errors)
-        op_type = "constexpr_blockwise_shift_scale"
-        blobs = [("data", config.dtype, data), ("scale", dtype, scale)]
-    out = []
-    for key, name, arr in blobs:
-        d = BLOB_DTYPE_BY_NAME[name]
-        # Tensors under INLINE_LIMIT elements are written into the spec, as coremltools does.
-        inline = arr.size < INLINE_LIMIT
-        raw, padding = _encode(name, arr)[1:] if encode or inline else (None, 0)
-        size = 0 if inline else (arr.size * d.bits + 7) // 8
-        out.append({"key": key, "dtype": name, "shape": list(arr.shape), "raw": raw, "padding": padding,
-                    "size": size, "inline": inline})
+    rows, row_len = shape[0], int(np.prod(shape[1:], dtype=np.int64))
+    step = _window_rows(shape, grouping)
+    fd = os.open(out_path, os.O_WRONLY | getattr(os, "O_CLOEXEC", 0)) if out_path else None
+    try:
+        sinks = [
+            _Sink(fd, name, place, int(np.prod(bshape, dtype=np.int64)) < INLINE_LIMIT)
+            for (key, name, bshape), place in zip(blobs, places)
+        ]
+        errors = ErrorSums()
+        with open(path, "rb") as f:
+            for r0 in range(0, rows, step):
+                n = min(step, rows - r0)
+                f.seek(offset + r0 * row_len * np_type.itemsize)
+                values = np.fromfile(f, dtype=np_type, count=n * row_len)
+                values = values.astype(np_type.newbyteorder("="), copy=False).reshape((n, *shape[1:]))
+                if not np.all(np.isfinite(values)):
+                    return {"skip": "holds inf or NaN values"}
+                if kind == "palettize":
+                    first, second = palettize(values, config.nbits, config.mode, axis, how, errors)
+                else:
+                    first, second = quantize(values, config.dtype, list(how), errors)
+                del values
+                sinks[0].add(first)
+                sinks[1].add(second)
+        out = []
+        for (key, name, bshape), sink in zip(blobs, sinks):
+            raw, padding = sink.finish()
+            d = BLOB_DTYPE_BY_NAME[name]
+            size = 0 if sink.inline else (sink.count * d.bits + 7) // 8
+            out.append({"key": key, "dtype": name, "shape": bshape, "raw": raw, "padding": padding,
+                        "size": size, "inline": sink.inline})
+    finally:
+        if fd is not None:
+            os.close(fd)
     return {"op_type": op_type, "blobs": out, "relative_rms": errors.relative_rms, "max_abs": errors.max_abs}
 
 
@@ -526,11 +622,7 @@ def compress(
                 form_of[key] = len(firsts)
                 firsts.append(i)
             job_of.append(form_of[key])
-        jobs = []
-        for i in firsts:
-            c = candidates[i]
-            count = c.ref.blob.element_count
-            jobs.append((c.ref.file.path, c.ref.blob.data_offset, count, c.dtype, c.shape, groupings[i], config, not dry_run))
+        layouts = [_layout(candidates[i].shape, candidates[i].dtype, groupings[i], config)[1] for i in firsts]
         report = CompressReport(
             output=None if dry_run else os.path.abspath(os.fspath(out)),
             dry_run=dry_run,
@@ -548,23 +640,43 @@ def compress(
                 raise WriteError(f"{dest}: parent directory {os.path.dirname(dest)} does not exist")
         scratch_dir = scratch = None
         try:
-            results: list[dict | None] = [None] * len(jobs)
+            results: list[dict | None] = [None] * len(firsts)
             if not dry_run:
                 scratch_dir = tempfile.mkdtemp(
                     prefix=f".{os.path.basename(dest)}{PARTIAL_MARKER}{os.getpid()}-scratch-", dir=os.path.dirname(dest)
                 )
                 scratch = BlobWriter(os.path.join(scratch_dir, "compressed.bin"), sync=False)
+            # Every blob's place in the scratch file is reserved now (sizes follow from shapes),
+            # so workers write their windows there directly and send back only descriptions.
+            records: list[list[int | None]] = []
+            jobs = []
+            for i, layout in zip(firsts, layouts):
+                c = candidates[i]
+                recs, places = [], []
+                for _key, name, bshape in layout:
+                    d = BLOB_DTYPE_BY_NAME[name]
+                    count = 1
+                    for s in bshape:
+                        count *= s
+                    if scratch is None or count < INLINE_LIMIT:
+                        recs.append(None)
+                        places.append(None)
+                        continue
+                    padding = (-count * d.bits) % 8 if d.sub_byte else 0
+                    record, data = scratch._reserve(d, (count * d.bits + 7) // 8, padding)
+                    recs.append(record)
+                    places.append(data)
+                records.append(recs)
+                out_path = scratch.path if scratch is not None else None
+                jobs.append((c.ref.file.path, c.ref.blob.data_offset, c.dtype, c.shape, groupings[i], config, out_path, places))
+            if scratch is not None:
+                scratch.close()  # the records are final; workers fill in the data
             sizes = [candidates[i].ref.blob.size for i in firsts]
             for j, result in _run_jobs(jobs, workers, sizes, progress):
-                if scratch is not None and "blobs" in result:
-                    for b in result["blobs"]:
-                        if not b["inline"]:
-                            # the encoded bytes go to the scratch file; keep what describes them
-                            b["record"] = scratch.add_bytes(b["dtype"], b["raw"], b["padding"])
-                            b["raw"] = None
+                if "blobs" in result:
+                    for b, record in zip(result["blobs"], records[j]):
+                        b["record"] = record
                 results[j] = result
-            if scratch is not None:
-                scratch.close()
 
             # Per distinct form: the report line; per candidate: replaced or skipped.
             replaced: list[tuple[_Candidate, dict]] = []

@@ -117,17 +117,87 @@ def _kmeans(values: np.ndarray, nbits: int) -> tuple[np.ndarray, np.ndarray]:
 
 
 def _uniform(values: np.ndarray, nbits: int) -> tuple[np.ndarray, np.ndarray]:
+    lut, codes = _uniform_groups(values.reshape(1, -1), nbits)
+    return lut[0], codes.reshape(-1)
+
+
+def _fp16_codes(lo, hi, top: int, values):
+    """coremltools' uniform index ``round(((v - lo) / (hi - lo)) * top)`` with every step rounded to
+    float16, as numpy's float16 arithmetic does (float32 work, rounded once per step: exact for
+    these operations). ``lo``, ``hi``: float32 arrays broadcasting against float32 ``values``."""
+    import numpy as np
+
+    f16, f32 = np.float16, np.float32
+    t = (values - lo).astype(f16).astype(f32)
+    t = (t / (hi - lo).astype(f16).astype(f32)).astype(f16).astype(f32)
+    return np.rint((t * f32(top)).astype(f16).astype(f32))
+
+
+#: Every finite float16 value, ascending, as float32 (for the threshold search of uniform mode).
+_FP16_SORTED = None
+
+
+def _uniform_thresholds(lo, hi, top: int):
+    """Per group (rows of ``lo``/``hi``, float32), the smallest float16 value whose uniform index
+    is at least k, for k = 1 .. top (shape ``(groups, top)``). The index is a non-decreasing
+    function of the value (every step is), so ``index(v) = #{k : threshold_k <= v}``; a binary
+    search over the float16 values finds each threshold in 16 steps, for all groups at once."""
+    import numpy as np
+
+    global _FP16_SORTED
+    if _FP16_SORTED is None:
+        every = np.arange(1 << 16, dtype=np.uint16).view(np.float16)
+        _FP16_SORTED = np.unique(every[np.isfinite(every)].astype(np.float32))
+    table = _FP16_SORTED
+    want = np.arange(1, top + 1, dtype=np.float32)[None, :]
+    left = np.repeat(np.searchsorted(table, lo), top, axis=1)  # index(lo) = 0 < k
+    right = np.repeat(np.searchsorted(table, hi), top, axis=1)  # index(hi) = top >= k
+    while True:
+        open_ = left < right
+        if not open_.any():
+            return table[right]
+        mid = (left + right) // 2
+        reached = _fp16_codes(lo, hi, top, table[mid]) >= want
+        right = np.where(open_ & reached, mid, right)
+        left = np.where(open_ & ~reached, mid + 1, left)
+
+
+def _uniform_groups(groups: np.ndarray, nbits: int) -> tuple[np.ndarray, np.ndarray]:
+    """Uniform LUTs ``(groups, 2**nbits)`` and uint8 indices ``(groups, n)`` of the rows of
+    ``groups``, each row as coremltools computes one group: indices
+    ``round(((v - min) / (max - min)) * top)`` and LUT ``arange(2**nbits) * ((max - min) / top) +
+    min``, in the weight's dtype. A constant group (where coremltools divides by zero) gets every
+    index 0 and a table of its value."""
     import numpy as np
 
     top = (1 << nbits) - 1
-    lo, hi = np.amin(values), np.amax(values)
-    if not lo < hi:
-        # A constant group (coremltools divides by zero here): every index 0, the table the value.
-        return np.full(top + 1, lo, dtype=values.dtype), np.zeros(values.size, dtype=np.uint8)
-    step = (hi - lo) / top
-    codes = np.round(((values - lo) / (hi - lo)) * top).astype(np.uint8)
-    lut = np.arange(top + 1) * step + lo
-    return lut.astype(values.dtype), codes
+    dtype = groups.dtype
+    lo = np.amin(groups, axis=1, keepdims=True)
+    hi = np.amax(groups, axis=1, keepdims=True)
+    flat = ~(lo < hi)[:, 0]
+    step = (hi - lo) / top  # the weight's dtype, as coremltools' scalar arithmetic
+    lut = (np.arange(top + 1) * step + lo).astype(dtype)
+    if dtype == np.float16:
+        values = groups.astype(np.float32)
+        lo32, hi32 = lo.astype(np.float32), hi.astype(np.float32)
+        if flat.any():
+            hi32[flat] = lo32[flat] + 1  # any order; these rows are overwritten below
+        thresholds = _uniform_thresholds(lo32, hi32, top)
+        if top <= 15:
+            codes = np.zeros(groups.shape, dtype=np.uint8)
+            for k in range(top):
+                codes += values >= thresholds[:, k : k + 1]
+        else:
+            codes = np.empty(groups.shape, dtype=np.uint8)
+            for g in range(groups.shape[0]):
+                codes[g] = np.searchsorted(thresholds[g], values[g], side="right")
+    else:
+        with np.errstate(invalid="ignore", divide="ignore"):
+            codes = np.round(((groups - lo) / (hi - lo)) * top).astype(np.uint8)
+    if flat.any():
+        codes[flat] = 0
+        lut[flat] = lo[flat]
+    return lut, codes
 
 
 def group_lut(values: np.ndarray, nbits: int, mode: str) -> tuple[np.ndarray, np.ndarray]:
@@ -156,16 +226,15 @@ class ErrorSums:
     def add(self, original: np.ndarray, approx: np.ndarray) -> None:
         import numpy as np
 
-        a = original.astype(np.float64).ravel()
-        d = approx.astype(np.float64).ravel() - a
+        a = original.astype(np.float64).reshape(-1)
+        d = approx.astype(np.float64).reshape(-1)
         if not d.size:
             return
-        # plain reductions, not BLAS dot: on many small groups its thread start-up dominates
-        self.max_abs = max(self.max_abs, float(np.max(np.abs(d))))
-        d *= d
-        a *= a
-        self.squared_error += float(d.sum())
-        self.squared_norm += float(a.sum())
+        d -= a
+        self.max_abs = max(self.max_abs, float(d.max()), -float(d.min()))
+        # float64 dot products: no squared temporaries (workers run their BLAS on one thread)
+        self.squared_error += float(np.dot(d, d))
+        self.squared_norm += float(np.dot(a, a))
         self.count += d.size
 
     @property
@@ -196,6 +265,17 @@ def palettize(
         raise UsageError(f"axis {axis} of size {channels} cannot be split into groups of {group_size}")
     moved = np.swapaxes(weight, 0, axis)
     groups = channels // group_size
+    lut_shape = [1] * (rank + 2)
+    lut_shape[0], lut_shape[-2] = groups, 1 << nbits
+    if mode == "uniform" and nbits in SUPPORTED_NBITS:
+        # every group at once: one vectorized pass instead of a loop of small ones
+        rows = moved.reshape(groups, -1)
+        lut, idx = _uniform_groups(rows, nbits)
+        if errors is not None:
+            errors.add(rows, np.take_along_axis(lut, idx, axis=1))
+        indices = np.swapaxes(idx.reshape(moved.shape), 0, axis)
+        lut = np.swapaxes(lut.reshape(lut_shape), 0, axis)
+        return np.ascontiguousarray(indices), np.ascontiguousarray(lut)
     luts, codes = [], []
     for g in np.split(moved, groups, axis=0):
         flat = g.reshape(-1)
@@ -205,8 +285,6 @@ def palettize(
         luts.append(lut)
         codes.append(idx)
     indices = np.swapaxes(np.stack(codes).reshape(moved.shape), 0, axis)
-    lut_shape = [1] * (rank + 2)
-    lut_shape[0], lut_shape[-2] = groups, 1 << nbits
     lut = np.swapaxes(np.stack(luts).reshape(lut_shape), 0, axis)
     return np.ascontiguousarray(indices), np.ascontiguousarray(lut)
 

@@ -62,9 +62,18 @@ def quantize(
     max_abs = np.maximum(np.abs(lo), np.abs(hi))
     scale = (max_abs - (-max_abs)) / (2 * q_max)
     scale[scale == 0] = 1
-    data = np.clip(np.round(blocks / scale), -q_max, q_max)
-    if errors is not None:
-        errors.add(blocks, (data * scale).astype(weight.dtype))
+    if weight.dtype == np.float16:
+        # numpy's float16 division, multiplication and rounding work in float32 and round each
+        # result to float16; doing that here directly is the same arithmetic, several times faster
+        s32 = scale.astype(np.float32)
+        data = np.rint((blocks.astype(np.float32) / s32).astype(np.float16).astype(np.float32))
+        np.clip(data, -q_max, q_max, out=data)
+        if errors is not None:
+            errors.add(blocks, (data * s32).astype(np.float16))
+    else:
+        data = np.clip(np.round(blocks / scale), -q_max, q_max)
+        if errors is not None:
+            errors.add(blocks, (data * scale).astype(weight.dtype))
     data = data.reshape(weight.shape).astype(np.int8)
     scale = scale.astype(weight.dtype).reshape(scale_shape)
     return np.ascontiguousarray(data), np.ascontiguousarray(scale)

@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import os
 import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -396,3 +397,42 @@ def test_dequant_reads_what_the_report_states(mixed, tmp_path):
             assert np.max(np.abs(delta)) == pytest.approx(w.max_abs_error, rel=1e-9, abs=1e-12)
             ref = dequantize(dense[name]).astype(np.float64)
             assert np.sqrt(np.sum(delta**2) / np.sum(ref**2)) == pytest.approx(w.relative_rms, rel=1e-9)
+
+
+@pytest.mark.parametrize("kwargs", [
+    {"palettize_bits": 3, "mode": "uniform", "group_size": 32},
+    {"palettize_bits": 2, "mode": "kmeans", "group_size": 32},
+    {"quantize_dtype": "int4", "block_size": 16},
+])
+def test_windows_of_one_group_write_the_same_bytes(mixed, tmp_path, monkeypatch, kwargs):
+    """A weight is compressed in windows of whole groups / rows, each written before the next is
+    read: the smallest windows give the same package as one window per weight."""
+    mc = sys.modules["milsurgery.compress"]  # the package exports the function under that name
+    whole, windowed = str(tmp_path / "whole.mlpackage"), str(tmp_path / "windowed.mlpackage")
+    compress(mixed, whole, workers=1, **kwargs)
+    monkeypatch.setattr(mc, "WINDOW_ELEMENTS", 1)
+    assert mc._window_rows((OUT, HIDDEN), ("palettize", 0, 32)) == 32
+    report = compress(mixed, windowed, workers=1, **kwargs)
+    assert report.weights_compressed == 3
+    read = lambda p: open(os.path.join(checks.weights_dir(p), "weight.bin"), "rb").read()  # noqa: E731
+    assert read(whole) == read(windowed)
+    assert open(checks.spec_path(whole), "rb").read() == open(checks.spec_path(windowed), "rb").read()
+
+
+def test_sub_byte_codes_written_in_odd_windows_are_one_bit_stream(tmp_path):
+    from milsurgery.compress import _Sink
+    from milsurgery.palettize import pack_codes
+
+    codes = np.random.default_rng(0).integers(0, 8, size=1001).astype(np.uint8)
+    path = tmp_path / "blob"
+    path.write_bytes(b"\xff" * 8)
+    fd = os.open(path, os.O_WRONLY)
+    try:
+        sink = _Sink(fd, "uint3", 8, inline=False)
+        for a, b in ((0, 5), (5, 6), (6, 300), (300, 1001)):
+            sink.add(codes[a:b])
+        raw, padding = sink.finish()
+    finally:
+        os.close(fd)
+    assert raw is None and padding == (-1001 * 3) % 8
+    assert path.read_bytes() == b"\xff" * 8 + pack_codes(codes, 3)
