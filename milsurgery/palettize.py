@@ -117,7 +117,7 @@ def _kmeans(values: np.ndarray, nbits: int) -> tuple[np.ndarray, np.ndarray]:
 
 
 def _uniform(values: np.ndarray, nbits: int) -> tuple[np.ndarray, np.ndarray]:
-    lut, codes = _uniform_groups(values.reshape(1, -1), nbits)
+    lut, codes, _ = _uniform_groups(values.reshape(1, -1), nbits)
     return lut[0], codes.reshape(-1)
 
 
@@ -162,42 +162,45 @@ def _uniform_thresholds(lo, hi, top: int):
         left = np.where(open_ & ~reached, mid + 1, left)
 
 
-def _uniform_groups(groups: np.ndarray, nbits: int) -> tuple[np.ndarray, np.ndarray]:
+def _uniform_groups(groups: np.ndarray, nbits: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Uniform LUTs ``(groups, 2**nbits)`` and uint8 indices ``(groups, n)`` of the rows of
     ``groups``, each row as coremltools computes one group: indices
     ``round(((v - min) / (max - min)) * top)`` and LUT ``arange(2**nbits) * ((max - min) / top) +
     min``, in the weight's dtype. A constant group (where coremltools divides by zero) gets every
-    index 0 and a table of its value."""
+    index 0 and a table of its value. Third: the values as float32 or wider (for the error)."""
     import numpy as np
 
     top = (1 << nbits) - 1
     dtype = groups.dtype
-    lo = np.amin(groups, axis=1, keepdims=True)
-    hi = np.amax(groups, axis=1, keepdims=True)
+    # float16 arithmetic in numpy is slow: compare and reduce in float32 (exact for these values)
+    wide = groups.astype(np.float32) if dtype == np.float16 else groups
+    lo = np.amin(wide, axis=1, keepdims=True).astype(dtype)
+    hi = np.amax(wide, axis=1, keepdims=True).astype(dtype)
     flat = ~(lo < hi)[:, 0]
     step = (hi - lo) / top  # the weight's dtype, as coremltools' scalar arithmetic
     lut = (np.arange(top + 1) * step + lo).astype(dtype)
     if dtype == np.float16:
-        values = groups.astype(np.float32)
         lo32, hi32 = lo.astype(np.float32), hi.astype(np.float32)
         if flat.any():
             hi32[flat] = lo32[flat] + 1  # any order; these rows are overwritten below
         thresholds = _uniform_thresholds(lo32, hi32, top)
         if top <= 15:
             codes = np.zeros(groups.shape, dtype=np.uint8)
+            hit = np.empty(groups.shape, dtype=bool)
             for k in range(top):
-                codes += values >= thresholds[:, k : k + 1]
+                np.greater_equal(wide, thresholds[:, k : k + 1], out=hit)
+                codes += hit.view(np.uint8)
         else:
             codes = np.empty(groups.shape, dtype=np.uint8)
             for g in range(groups.shape[0]):
-                codes[g] = np.searchsorted(thresholds[g], values[g], side="right")
+                codes[g] = np.searchsorted(thresholds[g], wide[g], side="right")
     else:
         with np.errstate(invalid="ignore", divide="ignore"):
             codes = np.round(((groups - lo) / (hi - lo)) * top).astype(np.uint8)
     if flat.any():
         codes[flat] = 0
         lut[flat] = lo[flat]
-    return lut, codes
+    return lut, codes, wide
 
 
 def group_lut(values: np.ndarray, nbits: int, mode: str) -> tuple[np.ndarray, np.ndarray]:
@@ -270,9 +273,10 @@ def palettize(
     if mode == "uniform" and nbits in SUPPORTED_NBITS:
         # every group at once: one vectorized pass instead of a loop of small ones
         rows = moved.reshape(groups, -1)
-        lut, idx = _uniform_groups(rows, nbits)
+        lut, idx, wide = _uniform_groups(rows, nbits)
         if errors is not None:
-            errors.add(rows, np.take_along_axis(lut, idx, axis=1))
+            errors.add(wide, np.take_along_axis(lut.astype(wide.dtype), idx, axis=1))
+        del wide
         indices = np.swapaxes(idx.reshape(moved.shape), 0, axis)
         lut = np.swapaxes(lut.reshape(lut_shape), 0, axis)
         return np.ascontiguousarray(indices), np.ascontiguousarray(lut)
