@@ -313,10 +313,10 @@ def _grouping(c: _Candidate, config: _Config) -> tuple:
 
 # -- the work of one weight (runs in a worker process) ------------------------------------------
 
-#: Elements of a weight read and compressed at once (8 MiB of float16): a weight is processed in
+#: Elements of a weight read and compressed at once (2 MiB of float16): a weight is processed in
 #: windows of whole groups (palettization) or whole blocks (quantization) along its first axis,
 #: and each window's encoded blobs are written before the next is read.
-WINDOW_ELEMENTS = 1 << 22
+WINDOW_ELEMENTS = 1 << 20
 
 
 def _layout(shape: tuple[int, ...], dtype: str, grouping: tuple, config: _Config) -> tuple[str, list[tuple[str, str, list[int]]]]:
