@@ -332,6 +332,78 @@ def _recovered_description_differences(a: pb.FunctionDescription, b: pb.Function
     ]
 
 
+#: Type of the op standing for a whole weight when graphs are compared up to their weights.
+_WEIGHT_PLACEHOLDER = "milsurgery.weight"
+
+
+def _weights_replaced(pkg: Package, function: str):
+    """A canonical copy (:func:`_canonical`) of ``function`` in which each weight's producing
+    ops (a blob ``const``, or a constexpr op and the consts feeding it) are one placeholder op
+    giving the weight's output variable, at the weight's place; and the weights by name."""
+    from .dequant import find_weights
+
+    fn = pkg.function(function)
+    weights = find_weights(pkg, function)
+    copy = _canonical(fn, function)
+    if not weights:
+        return copy, {}
+    block = weights[0].graph.block
+    key = None
+    for e in fn.block_specializations:  # the block find_weights reads
+        if e.key == fn.opset or key is None:
+            key = e.key
+    drop = {id(op) for w in weights for op in w.ops}
+    terminal = {id(w.ops[0]) for w in weights}
+    ops = []
+    for op in block.operations:
+        if id(op) in terminal:
+            placeholder = pb.Operation(type=_WEIGHT_PLACEHOLDER)
+            placeholder.outputs.add().CopyFrom(op.outputs[0])
+            ops.append(placeholder)
+        elif id(op) not in drop:
+            ops.append(op)
+    target = None
+    for e in copy.mlProgram.functions[0].value.block_specializations:
+        if e.key == key:
+            target = e.value
+    del target.operations[:]
+    target.operations.extend(ops)
+    return copy, {w.name: w for w in weights}
+
+
+def _weights_within(pkg: Package, name: str, src: Package, src_name: str, tolerance, check: FunctionCheck) -> bool:
+    """With a tolerance, graphs that differ only in how weights are produced (a ``const``
+    rewritten to constexpr ops by ``compress``, say) are compared weight by weight on their
+    dequantized values: each weight meeting the thresholds goes to ``check.tolerated`` with its
+    metrics, any other is a difference naming it. False when the graphs differ otherwise."""
+    from .adopt import compare_weights
+
+    ca, wa = _weights_replaced(pkg, name)
+    cb, wb = _weights_replaced(src, src_name)
+    fa, fb = _blanked(ca.mlProgram.functions[0].value), _blanked(cb.mlProgram.functions[0].value)
+    if _serialized(fa) != _serialized(fb) or set(wa) != set(wb):
+        return False
+    for var, a in wa.items():
+        b = wb[var]
+        if a.kind == b.kind == "const" and a.dtype == b.dtype and len(a.refs) == len(b.refs) == 1:
+            check.blobs_compared += 1
+            check.bytes_compared += a.refs[0].blob.size
+            if blobs_equal(BlobSource(a.refs[0].file, a.refs[0].blob), BlobSource(b.refs[0].file, b.refs[0].blob)):
+                continue
+        if a.shape != b.shape:
+            check.differences.append(f"weight {var!r}: shape {list(a.shape)} here, {list(b.shape)} in the source")
+            continue
+        m = compare_weights(b, a)
+        failed = tolerance.failure(m)
+        if failed is None:
+            check.tolerated.append({"op": var, "kind": a.kind, "source kind": b.kind, "metrics": m.to_dict()})
+        else:
+            check.differences.append(
+                f"weight {var!r} ({a.kind}; {b.kind} in the source): the values differ: {m.text()} ({failed})"
+            )
+    return True
+
+
 def _check(pkg: Package, name: str, pick: Pick, tolerance=None, progress=None, done: list | None = None, total: int = 0) -> FunctionCheck:
     src = pick.source
     check = FunctionCheck(function=name, source=f"{src.path}:{pick.name}")
@@ -350,7 +422,8 @@ def _check(pkg: Package, name: str, pick: Pick, tolerance=None, progress=None, d
         ca, cb = _canonical(mine, name), _canonical(theirs, pick.name)
         ba, bb = _blanked(ca.mlProgram.functions[0].value), _blanked(cb.mlProgram.functions[0].value)
         if _serialized(ba) != _serialized(bb):
-            check.differences.append(_first_graph_difference(ba, bb))
+            if tolerance is None or not _weights_within(pkg, name, src, pick.name, tolerance, check):
+                check.differences.append(_first_graph_difference(ba, bb))
             return check
         refs_a = [pkg.resolve(r) for r in iter_blob_refs(ca)]
         refs_b = [src.resolve(r) for r in iter_blob_refs(cb)]

@@ -12,6 +12,7 @@ report states. On a merged infer/prefill package every shared weight stays share
 from __future__ import annotations
 
 import json
+import math
 import os
 import subprocess
 import sys
@@ -436,3 +437,34 @@ def test_sub_byte_codes_written_in_odd_windows_are_one_bit_stream(tmp_path):
         os.close(fd)
     assert raw is None and padding == (-1001 * 3) % 8
     assert path.read_bytes() == b"\xff" * 8 + pack_codes(codes, 3)
+
+
+def test_verify_tolerance_judges_compressed_weights_by_their_values(mixed, tmp_path, capsys):
+    """verify --tolerance against the uncompressed package: the const -> constexpr rewrite is
+    judged weight by weight on dequantized values (each weight's metrics listed); without it,
+    the rewrite is a graph difference."""
+    from milsurgery import verify
+
+    int8, lut2 = str(tmp_path / "int8.mlpackage"), str(tmp_path / "lut2.mlpackage")
+    compress(mixed, int8, quantize_dtype="int8", workers=1)
+    report = compress(mixed, lut2, palettize_bits=2, group_size=32, workers=1)
+    assert main(["verify", int8, "--against", mixed]) == 1
+    assert main(["verify", int8, "--against", mixed, "--tolerance"]) == 0
+    (check,) = verify(int8, [mixed], tolerance=True).checks
+    assert sorted(t["op"] for t in check.tolerated) == sorted(n.split("/", 1)[1] for w in compress(
+        mixed, dry_run=True, quantize_dtype="int8", workers=1).weights for n in w.ops)
+    assert all(t["kind"] == "constexpr_blockwise_shift_scale" and t["metrics"]["cosine"] > 0.9999 for t in check.tolerated)
+    # 2-bit LUTs are far from the default thresholds: each weight is named with its metrics ...
+    capsys.readouterr()
+    assert main(["verify", lut2, "--against", mixed, "--tolerance"]) == 1
+    err = capsys.readouterr()
+    for w in report.weights:
+        assert w.ops[0].split("/", 1)[1] in err.out + err.err
+    # ... and thresholds just below the worst weight's metrics pass it; the metrics are the report's
+    (check,) = verify(lut2, [mixed], tolerance=True, min_cosine=0.5, max_mean_abs=1.0).checks
+    assert not check.differences and len(check.tolerated) == len(report.weights)
+    max_abs = {t["op"]: t["metrics"]["max_abs"] for t in check.tolerated}
+    for w in report.weights:
+        assert max_abs[w.ops[0].split("/", 1)[1]] == pytest.approx(w.max_abs_error, rel=1e-9)
+    worst = min(t["metrics"]["cosine"] for t in check.tolerated)
+    assert not verify(lut2, [mixed], tolerance=True, min_cosine=math.nextafter(worst, 2), max_mean_abs=1.0).equivalent
