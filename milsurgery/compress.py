@@ -14,10 +14,14 @@ use it, so sharing survives by construction:
    anything is written;
 2. group the candidates' blobs by identical content (:mod:`milsurgery.coalesce`, bytes decide);
 3. compress each distinct (content, grouping) once, in worker processes, one weight per worker
-   at a time: a worker reads that weight's values (the only weight bytes held in memory), runs
-   :mod:`milsurgery.palettize` or :mod:`milsurgery.quantize`, measures the reconstruction
-   error and returns the encoded blobs (indices + LUT, or data + scale), which are appended to a
-   scratch blob file beside the destination; at most two weights per worker are in flight;
+   at a time. Every output blob's size follows from the shapes, so its place in a scratch blob
+   file beside the destination is reserved first; a worker then reads the weight from the
+   source file in windows of whole groups (palettization) or blocks (quantization) along axis
+   0, about :data:`WINDOW_ELEMENTS` values each, runs :mod:`milsurgery.palettize` or
+   :mod:`milsurgery.quantize` on the window, accumulates the reconstruction error and writes the
+   window's encoded indices + LUT (or data + scale) at their places before reading the next.
+   Only descriptions (and tensors small enough to go inline) return to the main process. A
+   weight whose groups do not follow axis 0 is one window;
 4. write the package with :func:`milsurgery.assemble.write_package`, whose ``adjust`` step replaces
    each candidate ``const`` by the one constexpr op coremltools emits (``constexpr_lut_to_dense``
    with ``indices``/``lut``, or ``constexpr_blockwise_shift_scale`` with ``data``/``scale``, both
@@ -465,8 +469,8 @@ def _worker_init() -> None:
 
 
 def _run_jobs(jobs: list[tuple], workers: int, sizes: list[int], progress: Progress | None):
-    """Yield ``(job number, result)`` as jobs finish; at most ``2 * workers`` jobs in flight, so
-    at most that many weights (and their encoded forms) are in memory at once."""
+    """Yield ``(job number, result)`` as jobs finish; at most ``2 * workers`` jobs are queued
+    (each job is a description; a worker holds one window of one weight at a time)."""
     total, done = sum(sizes), 0
     if workers <= 1 or len(jobs) <= 1:
         for j, job in enumerate(jobs):
@@ -597,8 +601,8 @@ def compress(
     one scale per output channel). Consts with at most ``min_elements`` elements, or whose op
     name or output name matches a glob in ``skip``, stay. ``workers`` processes compress in
     parallel (default: all cores). With ``dry_run`` nothing is written and the report's
-    ``bytes_after`` is an estimate. I/O: reads each compressed weight once (one weight in memory
-    per worker) plus what :func:`milsurgery.assemble.write_package` reads to coalesce and copy;
+    ``bytes_after`` is an estimate. I/O: reads each compressed weight once (one window of it in
+    memory per worker) plus what :func:`milsurgery.assemble.write_package` reads to coalesce and copy;
     the source is never modified and ``out`` appears complete or not at all.
     """
     start = time.perf_counter()

@@ -16,7 +16,10 @@ results can be compared byte for byte:
 - ``uniform``: ``2**nbits`` evenly spaced values from the group's minimum to its maximum.
 
 Both packages are optional (``pip install 'milsurgery[compress]'``) and imported only when a
-group needs them. Everything here works on arrays already in memory: one weight at a time.
+group needs them. Everything here works on arrays already in memory (a weight, or a window of
+whole groups of it). ``uniform`` works on all groups of an array at once, in float32 for
+float16 weights (see :func:`_uniform_groups`), with the same results as coremltools' float16
+arithmetic.
 """
 
 from __future__ import annotations

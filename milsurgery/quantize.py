@@ -5,7 +5,7 @@ each block gets one scale ``max|w| / q_max`` in the weight's dtype and every ele
 ``clip(round(w / scale), -q_max, q_max)`` (int8: q_max 127, int4: 7). What Core ML materializes
 is ``data * scale`` (``constexpr_blockwise_shift_scale``, iOS 18, no offset). The arithmetic runs
 in the weight's own dtype, like coremltools', so data and scales match it byte for byte.
-Everything here works on arrays already in memory: one weight at a time.
+Everything here works on arrays already in memory: a weight, or a window of whole blocks of it.
 """
 
 from __future__ import annotations
