@@ -35,6 +35,7 @@ import math
 import re
 import time
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 
 import numpy as np
@@ -44,7 +45,10 @@ from .coalesce import BlobSource, blobs_equal, sample_digest
 from .dequant import (
     WINDOW_ELEMENTS,
     Weight,
+    blocked_parts,
     check_weight,
+    const_part,
+    element_type,
     find_weights,
     group_offsets,
     iter_values,
@@ -80,6 +84,8 @@ CANDIDATES = 2
 SKETCH_VALUES = 256
 #: Sketch distances (relative L2) this close to the nearest candidate's count as a tie.
 SKETCH_SLACK = 1e-3
+#: Target weights judged at once (threads: numpy and pread release the GIL).
+WORKERS = 2
 
 
 @dataclass
@@ -187,16 +193,197 @@ def _compare_luts(anchor: Weight, target: Weight) -> Metrics | None:
     return sums.metrics()
 
 
-def compare_weights(anchor: Weight, target: Weight) -> Metrics:
+#: Elements per window of the sparse-difference paths (small enough for the CPU caches).
+_FAST_WINDOW = 1 << 17
+#: Blob types whose blockwise codes the sparse-difference path reads.
+_CODES = ("int8", "uint8", "int4", "uint4", "int2", "uint2", "int1", "uint1", "int3", "uint3", "int6", "uint6")
+
+
+def _sumsq(x: np.ndarray) -> float:
+    """Sum of squares in float64 (einsum: no BLAS threads, float64 products and sums)."""
+    x64 = x.astype(np.float64)
+    return float(np.einsum("i,i->", x64, x64))
+
+
+def _sumsq_f16(h: np.ndarray) -> float:
+    """Sum of squares of float16 values in float64, exactly as from ``h.astype(float64)``.
+
+    numpy converts float16 without hardware help (~6 ns a value); moving the exponent and
+    mantissa bits into a float32 and scaling by 2**112 gives the same value (subnormals too) in a
+    few integer passes. Infinities and NaNs take numpy's conversion."""
+    u = h.view(np.uint16).astype(np.uint32)
+    u &= 0x7FFF  # the sign does not matter for a square
+    if u.size and int(u.max()) >= 0x7C00:
+        return _sumsq(h.astype(np.float64))
+    u <<= 13
+    x = u.view(np.float32)
+    x *= np.float32(2.0**112)
+    return _sumsq(x)
+
+
+def _round_f16(x: np.ndarray) -> None:
+    """Round float32 values in place to the nearest float16 value (ties to even), staying
+    float32. Valid for values that are 0 or of magnitude in [2**-14, 65504] after rounding."""
+    u = x.view(np.uint32)
+    t = u >> 13
+    t &= 1
+    t += 0xFFF
+    u += t
+    u &= np.uint32(0xFFFFE000)
+
+
+def _exact_blocks(q: np.ndarray, s: np.ndarray, o, block: int, idx: np.ndarray, store) -> np.ndarray:
+    """Materialized values of blocks ``idx`` (each op in float64, rounded once to ``store``)."""
+    v = q.reshape(-1, block)[idx].astype(np.float64)
+    if o is not None:
+        v -= o[idx].astype(np.float64)[:, None]
+    v *= s[idx].astype(np.float64)[:, None]
+    return v.astype(store).astype(np.float64).reshape(-1)
+
+
+def _blocked_sumsq(q: np.ndarray, s: np.ndarray, o, block: int) -> float:
+    """Sum of squares of float16-materialized ``s * (q - o)`` per block, in float64.
+
+    Codes of at most 8 bits times a float16 scale are exact in float32; rounding that to float16
+    is done on the bits. Blocks whose scale could give a float16 subnormal or overflow are
+    materialized exactly instead."""
+    s32 = s.astype(np.float32)
+    a = np.abs(s32)
+    special = np.flatnonzero(~((a >= np.float32(2.0**-14)) & (a <= np.float32(65504.0 / 256))))
+    total = 0.0
+    if special.size:
+        total += _sumsq(_exact_blocks(q, s, o, block, special, np.float16))
+        s32[special] = 0
+    x = q.astype(np.float32)
+    if o is not None:
+        x -= np.repeat(o.astype(np.float32), block)
+    x *= np.repeat(s32, block)
+    _round_f16(x)
+    return total + _sumsq(x)
+
+
+def _differ(a: np.ndarray, b: np.ndarray, units: int) -> np.ndarray:
+    """Per unit (equal runs of ``a``'s bytes), whether ``a`` and ``b`` differ in any byte."""
+    ra, rb = a.view(np.uint8).reshape(units, -1), b.view(np.uint8).reshape(units, -1)
+    width = ra.shape[1]
+    for word in (np.uint64, np.uint32, np.uint16):
+        if width % np.dtype(word).itemsize == 0:
+            ra, rb = ra.view(word), rb.view(word)
+            break
+    ne = ra != rb
+    k = ne.shape[1]
+    if k in (1, 2, 4, 8):  # a unit's k flags (bytes of 0 or 1) read as one word: nonzero if any is
+        return ne.view(f"u{k}").reshape(units) != 0
+    return ne.any(axis=1)
+
+
+class _Diff:
+    """Float64 sums over the elements that differ, and what they add to each norm."""
+
+    def __init__(self):
+        self.sq = self.sabs = self.mx = self.na = self.nt = 0.0
+
+    def add(self, va: np.ndarray, vt: np.ndarray) -> None:
+        d = va - vt
+        self.sq += float(np.einsum("i,i->", d, d))
+        self.na += float(np.einsum("i,i->", va, va))
+        self.nt += float(np.einsum("i,i->", vt, vt))
+        np.abs(d, out=d)
+        self.sabs += float(d.sum())
+        if d.size:
+            self.mx = max(self.mx, float(d.max()))
+
+    def metrics(self, na: float, n: int) -> Metrics:
+        """The pair's metrics given the anchor's whole norm ``na`` (sum of squares)."""
+        s = _Sums()
+        s.na = na
+        s.nt = na - self.na + self.nt
+        s.sq, s.sabs, s.mx, s.n = self.sq, self.sabs, self.mx, n
+        s.dot = (s.na + s.nt - s.sq) / 2  # |a - t|^2 = |a|^2 + |t|^2 - 2 a.t
+        return s.metrics()
+
+
+def _compare_blocked(anchor: Weight, target: Weight, norms: dict) -> Metrics | None:
+    """Metrics of two blockwise-quantized weights: blocks whose codes, scale and offset are all
+    equal contribute delta = 0, so only differing blocks are materialized; the anchor's norm is
+    computed once over all its blocks (and cached in ``norms``), the target's follows from it."""
+    pa, pt = blocked_parts(anchor), blocked_parts(target)
+    if pa is None or pt is None or pa[3] != pt[3] or store_type(anchor) is not np.float16:
+        return None
+    (da, sa_, oa_, block), (dt, st_, ot_, _) = pa, pt
+    if element_type(da) not in _CODES or element_type(sa_) != "float16" or (oa_ is None) != (ot_ is None):
+        return None
+    if any(p.elements(0, 1).dtype != np.float16 for p in (sa_, st_)):
+        return None  # a scale given as a list of floats
+    n = anchor.size
+    na = norms.get(id(anchor))
+    total = 0.0
+    diff = _Diff()
+    step = max(block, _FAST_WINDOW // block * block)
+    for e0 in range(0, n, step):
+        e1 = min(n, e0 + step)
+        b0, b1 = e0 // block, e1 // block
+        qa, qt = da.elements(e0, e1), dt.elements(e0, e1)
+        sa, st = sa_.elements(b0, b1), st_.elements(b0, b1)
+        oa = oa_.elements(b0, b1) if oa_ is not None else None
+        ot = ot_.elements(b0, b1) if ot_ is not None else None
+        if na is None:
+            total += _blocked_sumsq(qa, sa, oa, block)
+        units = b1 - b0
+        differ = _differ(qa, qt, units) | (sa.view(np.uint16) != st.view(np.uint16))
+        if oa is not None:
+            differ |= _differ(oa, ot, units)
+        idx = np.flatnonzero(differ)
+        if idx.size:
+            diff.add(_exact_blocks(qa, sa, oa, block, idx, np.float16), _exact_blocks(qt, st, ot, block, idx, np.float16))
+    if na is None:
+        na = norms[id(anchor)] = total
+    return diff.metrics(na, n)
+
+
+def _compare_consts(anchor: Weight, target: Weight, norms: dict) -> Metrics | None:
+    """Metrics of two float16 ``const`` weights: only elements whose bits differ are
+    materialized; the anchor's norm is computed once (and cached in ``norms``)."""
+    ca, ct = const_part(anchor), const_part(target)
+    if ca is None or ct is None or element_type(ca) != "float16" or element_type(ct) != "float16":
+        return None
+    if store_type(anchor) is not np.float16:
+        return None
+    n = anchor.size
+    na = norms.get(id(anchor))
+    total = 0.0
+    diff = _Diff()
+    for e0 in range(0, n, _FAST_WINDOW):
+        e1 = min(n, e0 + _FAST_WINDOW)
+        a, t = ca.elements(e0, e1), ct.elements(e0, e1)
+        if na is None:
+            total += _sumsq_f16(a)
+        idx = np.flatnonzero(a.view(np.uint16) != t.view(np.uint16))
+        if idx.size:
+            diff.add(a[idx].astype(np.float64), t[idx].astype(np.float64))
+    if na is None:
+        na = norms[id(anchor)] = total
+    return diff.metrics(na, n)
+
+
+def compare_weights(anchor: Weight, target: Weight, norms: dict | None = None) -> Metrics:
     """Metrics over the whole materialized tensors, window by window (float64 accumulation;
     memory bounded by the window). Both weights must have the same shape.
 
     Two LUT weights of the same structure are compared through a joint histogram of their
-    indices per group (exact: every element is counted with its two values); any other pair by
-    materializing both in windows (:func:`milsurgery.dequant.iter_values`)."""
+    indices per group (exact: every element is counted with its two values). Blockwise-quantized
+    weights (codes with float16 scales along the last axis) and float16 consts are compared
+    where they differ: equal codes, scales and offsets give delta = 0, so only the differing
+    blocks or elements are materialized, and the norms follow from the anchor's (computed once,
+    cached in ``norms`` when given: an anchor is often measured against several targets), since
+    |a - t|^2 = |a|^2 + |t|^2 - 2 a.t. Any other pair is compared by materializing both in
+    windows (:func:`milsurgery.dequant.iter_values`)."""
     if anchor.shape != target.shape:
         raise UsageError(f"{anchor.describe()} and {target.describe()} have different shapes")
-    fast = _compare_luts(anchor, target) if anchor.shape else None
+    norms = {} if norms is None else norms
+    fast = None
+    if anchor.shape:
+        fast = _compare_luts(anchor, target) or _compare_blocked(anchor, target, norms) or _compare_consts(anchor, target, norms)
     if fast is not None:
         return fast
     sums = _Sums()
@@ -409,6 +596,57 @@ def _blob_pairs(anchor: Weight, target: Weight) -> list[tuple[ResolvedRef, Resol
     return [(sa[k], st[k]) for k in sorted(st)]
 
 
+class _Judge:
+    """Decides one target weight: ("unpaired" | "identical" | "rejected" | "adopted", anchor
+    weight or None, metrics, failed threshold or bytes saved)."""
+
+    def __init__(self, pool: dict[bytes, list[Weight]], thresholds: Thresholds, sketch: _Sketches, norms: dict):
+        self.pool, self.thresholds, self.sketch, self.norms = pool, thresholds, sketch, norms
+
+    def __call__(self, w: Weight):
+        candidates = self.pool.get(structure_key(w), [])
+        if not candidates:
+            return ("unpaired", None, None, None)
+        if any(all(ra.file is rt.file and ra.blob.record_offset == rt.blob.record_offset
+                   for ra, rt in _blob_pairs(c, w)) for c in candidates):
+            return ("identical", None, None, None)  # already the very same blobs
+        # Byte-identical weights are found before any value is computed: samples of every blob
+        # agree, then the bytes decide (each blob is read once: the writer is told).
+        for c in candidates:
+            pairs = _blob_pairs(c, w)
+            if all(_sample(ra) == _sample(rt) for ra, rt in pairs) and all(
+                    blobs_equal(BlobSource(ra.file, ra.blob), BlobSource(rt.file, rt.blob)) for ra, rt in pairs):
+                return ("identical", c, None, None)
+        mine = self.sketch(w)
+        base = _base_name(w.name)
+        ranked = sorted((_distance(self.sketch(c), mine), _base_name(c.name) != base, i) for i, c in enumerate(candidates))
+        # The best sketch is always measured; a runner-up only if its sketch is about as close
+        # (a clear winner is not second-guessed with another full pass).
+        nearest = ranked[0][0]
+        proposed = [candidates[i] for d, _, i in ranked[:CANDIDATES] if d <= 2 * nearest + SKETCH_SLACK]
+        best: tuple[Weight, Metrics, int] | None = None
+        first_fail: tuple[Weight, Metrics, str] | None = None
+        for c in proposed:
+            same = {}
+            for ra, rt in _blob_pairs(c, w):
+                key = (id(rt.file), rt.blob.record_offset)
+                if key not in same:
+                    same[key] = (rt.blob.size, blobs_equal(BlobSource(ra.file, ra.blob), BlobSource(rt.file, rt.blob)))
+            if all(eq for _, eq in same.values()):
+                return ("identical", c, None, None)
+            m = compare_weights(c, w, self.norms)
+            failed = self.thresholds.failure(m)
+            if failed is None:
+                saved = sum(size for size, eq in same.values() if not eq)
+                if best is None or (m.cosine, -m.mean_abs) > (best[1].cosine, -best[1].mean_abs):
+                    best = (c, m, saved)
+            elif first_fail is None:
+                first_fail = (c, m, failed)
+        if best is None:
+            return ("rejected",) + first_fail
+        return ("adopted",) + best
+
+
 def plan_adoption(
     functions: Sequence[tuple[object, str, str]],
     thresholds: Thresholds,
@@ -433,70 +671,36 @@ def plan_adoption(
     for w in find_weights(pkg_a, src_a):
         check_weight(w)
         pool.setdefault(structure_key(w), []).append(w)
-    sketch = _Sketches()
     targets = []
     for pkg, src, out_name in functions:
         if out_name != anchor:
             for w in find_weights(pkg, src):
                 check_weight(w)  # every weight's ops are consistent before anything is decided
                 targets.append((out_name, w))
-
-    for out_name, w in targets:
-        report.weights += 1
-        candidates = pool.get(structure_key(w), [])
-        if not candidates:
-            report.unpaired += 1
-            continue
-        if any(all(ra.file is rt.file and ra.blob.record_offset == rt.blob.record_offset
-                   for ra, rt in _blob_pairs(c, w)) for c in candidates):
-            report.identical += 1  # already the very same blobs
-            continue
-        # Byte-identical weights are found before any value is computed: samples of every blob
-        # agree, then the bytes decide (exact coalescing will share them).
-        if any(all(_sample(ra) == _sample(rt) for ra, rt in _blob_pairs(c, w))
-               and all(blobs_equal(BlobSource(ra.file, ra.blob), BlobSource(rt.file, rt.blob)) for ra, rt in _blob_pairs(c, w))
-               for c in candidates):
-            report.identical += 1
-            continue
-        mine = sketch(w)
-        base = _base_name(w.name)
-        ranked = sorted((_distance(sketch(c), mine), _base_name(c.name) != base, i) for i, c in enumerate(candidates))
-        # The best sketch is always measured; a runner-up only if its sketch is about as close
-        # (a clear winner is not second-guessed with another full pass).
-        nearest = ranked[0][0]
-        proposed = [candidates[i] for d, _, i in ranked[:CANDIDATES] if d <= 2 * nearest + SKETCH_SLACK]
-        best: tuple[Weight, Metrics, int] | None = None
-        first_fail: tuple[Weight, Metrics, str] | None = None
-        identical = False
-        for c in proposed:
-            pairs = _blob_pairs(c, w)
-            same = {}
-            for ra, rt in pairs:
-                key = (id(rt.file), rt.blob.record_offset)
-                if key not in same:
-                    same[key] = (rt.blob.size, blobs_equal(BlobSource(ra.file, ra.blob), BlobSource(rt.file, rt.blob)))
-            if all(eq for _, eq in same.values()):
-                identical = True
-                break
-            m = compare_weights(c, w)
-            failed = thresholds.failure(m)
-            if failed is None:
-                saved = sum(size for size, eq in same.values() if not eq)
-                if best is None or (m.cosine, -m.mean_abs) > (best[1].cosine, -best[1].mean_abs):
-                    best = (c, m, saved)
-            elif first_fail is None:
-                first_fail = (c, m, failed)
-        if identical:
-            report.identical += 1
-            continue
-        if best is None:
-            c, m, failed = first_fail
-            report.rejected.append(Rejection(out_name, w.name, w.kind, anchor, c.name, failed, m))
-            continue
-        c, m, saved = best
-        report.adopted.append(Adoption(out_name, w.name, w.kind, anchor, c.name, m, saved))
-        for (ra, rt) in _blob_pairs(c, w):
-            mapping[(out_name, rt.ref.op_name, rt.ref.location)] = ra
+    judge = _Judge(pool, thresholds, _Sketches(), {})
+    # Each target is judged on its own (numpy and pread release the GIL: two workers use both
+    # cores); the results are taken in target order, so the report does not depend on timing.
+    with ThreadPoolExecutor(max_workers=WORKERS) as ex:
+        for (out_name, w), verdict in zip(targets, ex.map(lambda t: judge(t[1]), targets)):
+            report.weights += 1
+            kind, c, m, detail = verdict
+            if kind == "unpaired":
+                report.unpaired += 1
+                continue
+            if kind == "identical":
+                report.identical += 1
+                if c is not None:
+                    # Re-pointed at the anchor's blobs (the same bytes): the writer's coalescing
+                    # sees one blob and does not compare them again.
+                    for ra, rt in _blob_pairs(c, w):
+                        mapping[(out_name, rt.ref.op_name, rt.ref.location)] = ra
+                continue
+            if kind == "rejected":
+                report.rejected.append(Rejection(out_name, w.name, w.kind, anchor, c.name, detail, m))
+                continue
+            report.adopted.append(Adoption(out_name, w.name, w.kind, anchor, c.name, m, detail))
+            for ra, rt in _blob_pairs(c, w):
+                mapping[(out_name, rt.ref.op_name, rt.ref.location)] = ra
     report.seconds = time.perf_counter() - start
     return AdoptPlan(report, mapping)
 

@@ -744,3 +744,37 @@ def group_offsets(r0: int, shape: tuple[int, ...], blocks: list[int], first_bloc
 def store_type(w: Weight):
     """The numpy type Core ML materializes the weight in (float16/float32), or None."""
     return _FLOAT_TYPES.get(w.dtype)
+
+
+def blocked_parts(w: Weight):
+    """For a weight that is one iOS 18 ``constexpr_blockwise_shift_scale`` of consts, scaled in
+    blocks along its last axis only (per-block or per-channel quantization of a linear weight):
+    (data, scale, offset or None, block size), each a tensor whose flat elements in C order are
+    read with ``.elements(e0, e1)`` (``data`` as integer codes, the scale block ``k`` covering data
+    elements ``[k * block, (k + 1) * block)``); None for any other form. Lets metrics compare
+    codes and scales block by block and materialize only the blocks that differ (see
+    :func:`milsurgery.adopt.compare_weights`)."""
+    if w.op_type != "constexpr_blockwise_shift_scale":
+        return None
+    node = _node_of(w)
+    if not isinstance(node, _ShiftScale) or not node.shape or any(b != 1 for b in node.blocks[:-1]):
+        return None
+    if not all(isinstance(p, _ValueNode) for p in (node.data, node.scale) + ((node.offset,) if node.offset else ())):
+        return None
+    return node.data, node.scale, node.offset, node.blocks[-1]
+
+
+def const_part(w: Weight):
+    """For a blob-valued ``const`` weight: its tensor (flat elements read with
+    ``.elements(e0, e1)``, in the blob's own type); None for any other form."""
+    if w.op_type != "const":
+        return None
+    node = _node_of(w)
+    return node if isinstance(node, _ValueNode) and node.shape else None
+
+
+def element_type(part) -> str | None:
+    """The blob dtype name (``int8``, ``uint4``, ``float16``...) of a tensor handed out by
+    :func:`blocked_parts` or :func:`const_part`."""
+    d = BLOB_DTYPE_BY_PROTO.get(part.dtype)
+    return None if d is None else d.name
