@@ -125,22 +125,6 @@ class _Sums:
             self.mx = max(self.mx, float(d.max()))
         self.n += a.size
 
-    def add_counts(self, counts: np.ndarray, la: np.ndarray, lt: np.ndarray) -> None:
-        """``counts[g, i, j]`` elements have anchor value ``la[g, i]`` and target ``lt[g, j]``."""
-        c = counts.astype(np.float64)
-        a, t = la[:, :, None], lt[:, None, :]
-        d = a - t
-        self.dot += float((c * (a * t)).sum())
-        self.na += float((c.sum(axis=2) * la * la).sum())
-        self.nt += float((c.sum(axis=1) * lt * lt).sum())
-        self.sq += float((c * d * d).sum())
-        ad = np.abs(np.broadcast_to(d, c.shape))
-        self.sabs += float((c * ad).sum())
-        used = ad[counts > 0]
-        if used.size:
-            self.mx = max(self.mx, float(used.max()))
-        self.n += int(counts.sum())
-
     def metrics(self) -> Metrics:
         if self.na == 0.0 and self.nt == 0.0:
             cosine = 1.0
@@ -153,13 +137,45 @@ class _Sums:
         return Metrics(cosine, self.sabs / self.n if self.n else 0.0, mx, rel, self.n)
 
 
-#: Largest (groups x palette x palette) histogram per window for the LUT path.
+#: Largest (groups x palette) table of index counts the LUT path keeps for one weight.
 _MAX_BINS = 1 << 22
 
 
-def _compare_luts(anchor: Weight, target: Weight) -> Metrics | None:
-    """Metrics of two LUT weights of the same structure from a joint histogram of (group, anchor
-    index, target index): values are looked up once per palette entry, not per element."""
+def _lut_windows(shape: tuple[int, ...], blocks: list[int]):
+    """Row windows [r0, r1) of about :data:`WINDOW_ELEMENTS` elements, whole LUT groups along
+    axis 0, with the groups [g0, g1) along axis 0 they cover."""
+    n_row = math.prod(shape[1:])
+    step = max(blocks[0], WINDOW_ELEMENTS // max(1, n_row) // blocks[0] * blocks[0])
+    for r0 in range(0, shape[0], step):
+        r1 = min(shape[0], r0 + step)
+        yield r0, r1, r0 // blocks[0], (r1 - 1) // blocks[0] + 1
+
+
+def _index_counts(rows, lut, shape, blocks, palette):
+    """counts[group, index] over the whole weight (groups flat in C order) and the number of
+    groups per unit of axis 0; None if the table would be too large."""
+    windows = list(_lut_windows(shape, blocks))
+    per_g0 = None
+    parts = []
+    for r0, r1, g0, g1 in windows:
+        groups = lut(g0, g1).shape[:-2]
+        per_g0 = math.prod(groups[1:])
+        if (shape[0] // blocks[0]) * per_g0 * palette > _MAX_BINS:
+            return None
+        idx = rows(r0, r1)
+        key = group_offsets(r0, idx.shape, blocks, g0, groups) * palette + idx
+        parts.append(np.bincount(key.reshape(-1), minlength=math.prod(groups) * palette))
+    return np.concatenate(parts).reshape(-1, palette), per_g0
+
+
+def _compare_luts(anchor: Weight, target: Weight, norms: dict) -> Metrics | None:
+    """Metrics of two LUT weights of the same structure, exact, without materializing values.
+
+    Elements whose anchor and target indices are equal (nearly all) have values ``la[g, i]``
+    and ``lt[g, i]``: they are counted per (group, index) from the anchor's index counts (one
+    pass over its indices, cached in ``norms``) less the elements whose indices differ, which
+    are found by comparing the index arrays and looked up one by one. The target's counts
+    follow from the anchor's and those differing elements."""
     pa, pt = lut_parts(anchor), lut_parts(target)
     if pa is None or pt is None or pa[2] != pt[2] or pa[3] != pt[3]:
         return None
@@ -167,30 +183,50 @@ def _compare_luts(anchor: Weight, target: Weight) -> Metrics | None:
     rows_t, lut_t = pt[0], pt[1]
     store = store_type(anchor) or np.float64
     shape = anchor.shape
-    n_row = math.prod(shape[1:])
-    step = max(blocks[0], WINDOW_ELEMENTS // max(1, n_row) // blocks[0] * blocks[0])
-    sums = _Sums()
-    for r0 in range(0, shape[0], step):
-        r1 = min(shape[0], r0 + step)
-        g0, g1 = r0 // blocks[0], (r1 - 1) // blocks[0] + 1
-        la = lut_a(g0, g1)
-        groups = la.shape[:-2]
-        n_groups = math.prod(groups)
-        if n_groups * palette * palette > _MAX_BINS:
+    cached = norms.get(("lut counts", id(anchor)))
+    if cached is None:
+        cached = _index_counts(rows_a, lut_a, shape, blocks, palette)
+        if cached is None:
             return None
+        norms[("lut counts", id(anchor))] = cached
+    counts, per_g0 = cached
+    off_a = np.zeros(counts.shape, dtype=np.int64)  # elements with differing indices, by anchor index
+    off_t = np.zeros(counts.shape, dtype=np.int64)  # ... by target index
+    diff = _Diff()
+    las, lts = [], []
+    for r0, r1, g0, g1 in _lut_windows(shape, blocks):
+        la_, lt_ = lut_a(g0, g1), lut_t(g0, g1)
+        groups = la_.shape[:-2]
+        la = la_.reshape(-1, palette).astype(store).astype(np.float64)
+        lt = lt_.reshape(-1, palette).astype(store).astype(np.float64)
+        las.append(la)
+        lts.append(lt)
         ia, it = rows_a(r0, r1), rows_t(r0, r1)
-        # key = (group * palette + anchor index) * palette + target index, in int32 and in place
-        # (n_groups * palette^2 <= _MAX_BINS fits easily).
-        key = ia.astype(np.int32)
-        key *= palette
-        key += it
-        offsets = group_offsets(r0, ia.shape, blocks, g0, groups)
-        if offsets.size > 1 or offsets.reshape(-1)[0]:
-            key += (offsets * (palette * palette)).astype(np.int32)
-        counts = np.bincount(key.reshape(-1), minlength=n_groups * palette * palette).reshape(n_groups, palette, palette)
-        as64 = lambda lut: lut.reshape(n_groups, palette).astype(store).astype(np.float64)  # noqa: E731
-        sums.add_counts(counts, as64(la), as64(lut_t(g0, g1)))
-    return sums.metrics()
+        where = np.flatnonzero(ia != it)
+        if where.size:
+            g = np.broadcast_to(group_offsets(r0, ia.shape, blocks, g0, groups), ia.shape).reshape(-1)[where]
+            i, j = ia.reshape(-1)[where].astype(np.int64), it.reshape(-1)[where].astype(np.int64)
+            diff.add(la[g, i], lt[g, j])
+            base = g0 * per_g0 * palette
+            size = la.size
+            off_a.reshape(-1)[base : base + size] += np.bincount(g * palette + i, minlength=size)
+            off_t.reshape(-1)[base : base + size] += np.bincount(g * palette + j, minlength=size)
+    la, lt = np.concatenate(las), np.concatenate(lts)
+    same = (counts - off_a).astype(np.float64)  # elements with equal indices
+    d = la - lt
+    s = _Sums()
+    s.na = float(np.einsum("ij,ij->", counts.astype(np.float64), la * la))
+    s.nt = float(np.einsum("ij,ij->", (counts - off_a + off_t).astype(np.float64), lt * lt))
+    s.sq = diff.sq + float(np.einsum("ij,ij->", same, d * d))
+    ad = np.abs(d)
+    s.sabs = diff.sabs + float(np.einsum("ij,ij->", same, ad))
+    used = ad[same > 0]
+    s.mx = max(diff.mx, float(used.max()) if used.size else 0.0)
+    if math.isnan(s.sabs):
+        s.mx = math.nan
+    s.n = anchor.size
+    s.dot = (s.na + s.nt - s.sq) / 2
+    return s.metrics()
 
 
 #: Elements per window of the sparse-difference paths (small enough for the CPU caches).
@@ -383,7 +419,7 @@ def compare_weights(anchor: Weight, target: Weight, norms: dict | None = None) -
     norms = {} if norms is None else norms
     fast = None
     if anchor.shape:
-        fast = _compare_luts(anchor, target) or _compare_blocked(anchor, target, norms) or _compare_consts(anchor, target, norms)
+        fast = _compare_luts(anchor, target, norms) or _compare_blocked(anchor, target, norms) or _compare_consts(anchor, target, norms)
     if fast is not None:
         return fast
     sums = _Sums()
