@@ -51,6 +51,8 @@ from .dequant import (
     element_type,
     find_weights,
     group_offsets,
+    raw_bytes,
+    unpack_codes,
     iter_values,
     lut_parts,
     sample_values,
@@ -231,14 +233,22 @@ def _compare_luts(anchor: Weight, target: Weight, norms: dict) -> Metrics | None
 
 #: Elements per window of the sparse-difference paths (small enough for the CPU caches).
 _FAST_WINDOW = 1 << 17
-#: Blob types whose blockwise codes the sparse-difference path reads.
-_CODES = ("int8", "uint8", "int4", "uint4", "int2", "uint2", "int1", "uint1", "int3", "uint3", "int6", "uint6")
+#: Blob types whose blockwise codes the sparse-difference path reads (at most 8 bits: codes
+#: times a float16 scale are exact in float32).
+_CODES = ("int8", "uint8", "int4", "uint4", "uint3", "uint2", "uint1", "uint6")
 
 
 def _sumsq(x: np.ndarray) -> float:
     """Sum of squares in float64 (einsum: no BLAS threads, float64 products and sums)."""
     x64 = x.astype(np.float64)
     return float(np.einsum("i,i->", x64, x64))
+
+
+def _sumsq_f16_exact(x: np.ndarray) -> float:
+    """Sum of squares of float32 values that are float16 values, in float64: their squares (22
+    significant bits at most, within float32's range) are exact in float32."""
+    x = x * x
+    return float(np.add.reduce(x, dtype=np.float64))
 
 
 def _sumsq_f16(h: np.ndarray) -> float:
@@ -254,7 +264,7 @@ def _sumsq_f16(h: np.ndarray) -> float:
     u <<= 13
     x = u.view(np.float32)
     x *= np.float32(2.0**112)
-    return _sumsq(x)
+    return _sumsq_f16_exact(x)
 
 
 def _round_f16(x: np.ndarray) -> None:
@@ -268,34 +278,65 @@ def _round_f16(x: np.ndarray) -> None:
     u &= np.uint32(0xFFFFE000)
 
 
-def _exact_blocks(q: np.ndarray, s: np.ndarray, o, block: int, idx: np.ndarray, store) -> np.ndarray:
-    """Materialized values of blocks ``idx`` (each op in float64, rounded once to ``store``)."""
-    v = q.reshape(-1, block)[idx].astype(np.float64)
+def _exact_blocks(q: np.ndarray, s: np.ndarray, o, store) -> np.ndarray:
+    """Materialized values of blocks (rows of codes ``q``, each with its scale in ``s`` and
+    offset in ``o``): each op in float64, the result rounded once to ``store``."""
+    v = q.astype(np.float64)
     if o is not None:
-        v -= o[idx].astype(np.float64)[:, None]
-    v *= s[idx].astype(np.float64)[:, None]
+        v -= o.astype(np.float64)[:, None]
+    v *= s.astype(np.float64)[:, None]
     return v.astype(store).astype(np.float64).reshape(-1)
 
 
-def _blocked_sumsq(q: np.ndarray, s: np.ndarray, o, block: int) -> float:
-    """Sum of squares of float16-materialized ``s * (q - o)`` per block, in float64.
+def _block_codes(raw: np.ndarray | None, name: str, codes, units: int, idx: np.ndarray) -> np.ndarray:
+    """The codes of blocks ``idx`` of a window: decoded from their stored bytes only, when the
+    window's bytes are at hand, else taken from all its codes."""
+    if raw is None:
+        return codes().reshape(units, -1)[idx]
+    return unpack_codes(raw.reshape(units, -1)[idx].reshape(-1), name).reshape(idx.size, -1)
 
-    Codes of at most 8 bits times a float16 scale are exact in float32; rounding that to float16
-    is done on the bits. Blocks whose scale could give a float16 subnormal or overflow are
-    materialized exactly instead."""
+
+def _blocked_sumsq(parts, s: np.ndarray, o, block: int, codes) -> float:
+    """Sum of squares of the float16-materialized ``s * (q - o)``, in float64.
+
+    ``parts`` holds the codes as arrays whose elements each cover ``block // len(parts)``
+    consecutive elements per block (a 4-bit block's low nibbles, then its high nibbles: the
+    order of a sum does not matter). Codes of at most 8 bits times a float16 scale are exact in
+    float32; rounding that to float16 is done on the bits. Blocks whose scale could give a
+    float16 subnormal or overflow are materialized exactly instead (``codes()`` gives all the
+    window's codes, in order)."""
     s32 = s.astype(np.float32)
     a = np.abs(s32)
     special = np.flatnonzero(~((a >= np.float32(2.0**-14)) & (a <= np.float32(65504.0 / 256))))
     total = 0.0
     if special.size:
-        total += _sumsq(_exact_blocks(q, s, o, block, special, np.float16))
+        rows = codes().reshape(-1, block)[special]
+        total += _sumsq(_exact_blocks(rows, s[special], None if o is None else o[special], np.float16))
         s32[special] = 0
-    x = q.astype(np.float32)
-    if o is not None:
-        x -= np.repeat(o.astype(np.float32), block)
-    x *= np.repeat(s32, block)
-    _round_f16(x)
-    return total + _sumsq(x)
+    per = block // len(parts)
+    scale = np.repeat(s32, per)
+    shift = None if o is None else np.repeat(o.astype(np.float32), per)
+    for q in parts:
+        x = q.astype(np.float32)
+        if shift is not None:
+            x -= shift
+        x *= scale
+        _round_f16(x)
+        total += _sumsq_f16_exact(x)
+    return total
+
+
+def _code_parts(raw: np.ndarray | None, name: str, codes):
+    """The codes of a window as :func:`_blocked_sumsq` takes them: 4-bit codes straight from the
+    stored bytes as (low nibbles, high nibbles), others whole."""
+    if raw is not None and name in ("int4", "uint4"):
+        lo, hi = raw & np.uint8(15), raw >> np.uint8(4)
+        if name == "int4":  # two's complement: flip the sign bit, then subtract it
+            lo ^= np.uint8(8)
+            hi ^= np.uint8(8)
+            return [lo.view(np.int8) - np.int8(8), hi.view(np.int8) - np.int8(8)]
+        return [lo, hi]
+    return [codes()]
 
 
 def _differ(a: np.ndarray, b: np.ndarray, units: int) -> np.ndarray:
@@ -340,14 +381,16 @@ class _Diff:
 
 
 def _compare_blocked(anchor: Weight, target: Weight, norms: dict) -> Metrics | None:
-    """Metrics of two blockwise-quantized weights: blocks whose codes, scale and offset are all
-    equal contribute delta = 0, so only differing blocks are materialized; the anchor's norm is
-    computed once over all its blocks (and cached in ``norms``), the target's follows from it."""
+    """Metrics of two blockwise-quantized weights: blocks whose stored codes, scale and offset
+    are all equal contribute delta = 0, so only differing blocks are decoded and materialized;
+    the anchor's norm is computed once over all its blocks (and cached in ``norms``), the
+    target's follows from it."""
     pa, pt = blocked_parts(anchor), blocked_parts(target)
     if pa is None or pt is None or pa[3] != pt[3] or store_type(anchor) is not np.float16:
         return None
     (da, sa_, oa_, block), (dt, st_, ot_, _) = pa, pt
-    if element_type(da) not in _CODES or element_type(sa_) != "float16" or (oa_ is None) != (ot_ is None):
+    name = element_type(da)
+    if name not in _CODES or element_type(sa_) != "float16" or (oa_ is None) != (ot_ is None):
         return None
     if any(p.elements(0, 1).dtype != np.float16 for p in (sa_, st_)):
         return None  # a scale given as a list of floats
@@ -359,22 +402,41 @@ def _compare_blocked(anchor: Weight, target: Weight, norms: dict) -> Metrics | N
     for e0 in range(0, n, step):
         e1 = min(n, e0 + step)
         b0, b1 = e0 // block, e1 // block
-        qa, qt = da.elements(e0, e1), dt.elements(e0, e1)
+        units = b1 - b0
+        ra, rt = raw_bytes(da, e0, e1), raw_bytes(dt, e0, e1)
+        if ra is None or rt is None or ra.size % units:
+            ra = rt = None  # codes compared decoded
+        qa = _Lazy(lambda e0=e0, e1=e1, ra=ra: unpack_codes(ra, name) if ra is not None else da.elements(e0, e1))
+        qt = _Lazy(lambda e0=e0, e1=e1, rt=rt: unpack_codes(rt, name) if rt is not None else dt.elements(e0, e1))
         sa, st = sa_.elements(b0, b1), st_.elements(b0, b1)
         oa = oa_.elements(b0, b1) if oa_ is not None else None
         ot = ot_.elements(b0, b1) if ot_ is not None else None
         if na is None:
-            total += _blocked_sumsq(qa, sa, oa, block)
-        units = b1 - b0
-        differ = _differ(qa, qt, units) | (sa.view(np.uint16) != st.view(np.uint16))
+            total += _blocked_sumsq(_code_parts(ra, name, qa), sa, oa, block, qa)
+        differ = _differ(ra, rt, units) if ra is not None else _differ(qa(), qt(), units)
+        differ |= sa.view(np.uint16) != st.view(np.uint16)
         if oa is not None:
             differ |= _differ(oa, ot, units)
         idx = np.flatnonzero(differ)
         if idx.size:
-            diff.add(_exact_blocks(qa, sa, oa, block, idx, np.float16), _exact_blocks(qt, st, ot, block, idx, np.float16))
+            pick = (lambda o: None) if oa is None else (lambda o: o[idx])
+            diff.add(_exact_blocks(_block_codes(ra, name, qa, units, idx), sa[idx], pick(oa), np.float16),
+                     _exact_blocks(_block_codes(rt, name, qt, units, idx), st[idx], pick(ot), np.float16))
     if na is None:
         na = norms[id(anchor)] = total
     return diff.metrics(na, n)
+
+
+class _Lazy:
+    """A value computed on first call, then kept."""
+
+    def __init__(self, make):
+        self.make, self.value = make, None
+
+    def __call__(self):
+        if self.value is None:
+            self.value = self.make()
+        return self.value
 
 
 def _compare_consts(anchor: Weight, target: Weight, norms: dict) -> Metrics | None:

@@ -34,7 +34,7 @@ import numpy as np
 
 from ._proto import milsurgery_spec_pb2 as pb
 from .errors import SpecError, UsageError
-from .formats import BLOB_DTYPE_BY_PROTO
+from .formats import BLOB_DTYPE_BY_NAME, BLOB_DTYPE_BY_PROTO
 from .package import Package, ResolvedRef
 
 __all__ = ["Weight", "WINDOW_ELEMENTS", "find_weights", "get_weight", "iter_values", "dequantize", "sample_values"]
@@ -778,3 +778,25 @@ def element_type(part) -> str | None:
     :func:`blocked_parts` or :func:`const_part`."""
     d = BLOB_DTYPE_BY_PROTO.get(part.dtype)
     return None if d is None else d.name
+
+
+def raw_bytes(part, e0: int, e1: int) -> np.ndarray | None:
+    """The stored bytes (uint8) of flat elements [e0, e1) of a blob-held tensor handed out by
+    :func:`blocked_parts` or :func:`const_part`; None for an immediate value or a range that
+    does not start and end on byte boundaries."""
+    r = getattr(part, "resolved", None)
+    if r is None:
+        return None
+    bits = r.blob.dtype.bits
+    if (e0 * bits) % 8 or (e1 * bits) % 8:
+        return None
+    b0, b1 = e0 * bits // 8, e1 * bits // 8
+    return np.frombuffer(os.pread(r.file.fileno(), b1 - b0, r.blob.data_offset + b0), dtype=np.uint8)
+
+
+def unpack_codes(raw: np.ndarray, name: str) -> np.ndarray:
+    """Integer codes of blob type ``name`` (``int4``, ``uint8``...) from whole stored bytes."""
+    d = BLOB_DTYPE_BY_NAME[name]
+    if not d.sub_byte:
+        return raw.view(d.numpy)
+    return _unpack(np.ascontiguousarray(raw), d.bits, 0, raw.size * 8 // d.bits, d.name == "int4")
