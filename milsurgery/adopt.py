@@ -51,6 +51,7 @@ from .dequant import (
     element_type,
     find_weights,
     group_offsets,
+    lut_indices,
     raw_bytes,
     unpack_codes,
     iter_values,
@@ -59,7 +60,7 @@ from .dequant import (
     store_type,
 )
 from .errors import UsageError
-from .formats import ADOPTED_METADATA_KEY
+from .formats import ADOPTED_METADATA_KEY, BLOB_DTYPE_BY_NAME
 from .package import ResolvedRef
 from .spec import BlobRef, blanked_value
 from .thresholds import Thresholds, adoption_options  # noqa: F401 (re-exported)
@@ -153,21 +154,44 @@ def _lut_windows(shape: tuple[int, ...], blocks: list[int]):
         yield r0, r1, r0 // blocks[0], (r1 - 1) // blocks[0] + 1
 
 
-def _index_counts(rows, lut, shape, blocks, palette):
+def _index_counts(rows, lut, shape, blocks, palette, indices, name):
     """counts[group, index] over the whole weight (groups flat in C order) and the number of
-    groups per unit of axis 0; None if the table would be too large."""
-    windows = list(_lut_windows(shape, blocks))
+    groups per unit of axis 0; None if the table would be too large.
+
+    Indices of 1, 2, 4 or 8 bits in groups along axis 0 only are counted from their stored
+    bytes (one count per byte value and group, then split into the codes each byte holds); any
+    other layout from the decoded indices."""
+    bits = BLOB_DTYPE_BY_NAME[name].bits if name in BLOB_DTYPE_BY_NAME else 0
+    per_byte = 8 // bits if bits in (1, 2, 4, 8) else 0
+    n_row = math.prod(shape[1:])
     per_g0 = None
     parts = []
-    for r0, r1, g0, g1 in windows:
+    for r0, r1, g0, g1 in _lut_windows(shape, blocks):
         groups = lut(g0, g1).shape[:-2]
         per_g0 = math.prod(groups[1:])
         if (shape[0] // blocks[0]) * per_g0 * palette > _MAX_BINS:
             return None
+        raw = raw_bytes(indices, r0 * n_row, r1 * n_row) if per_byte and per_g0 == 1 else None
+        if raw is not None and raw.size % (g1 - g0) == 0:
+            key = raw.reshape(g1 - g0, -1).astype(np.intp)
+            key += (np.arange(g1 - g0, dtype=np.intp) * 256)[:, None]
+            by_byte = np.bincount(key.reshape(-1), minlength=(g1 - g0) * 256).reshape(g1 - g0, 256)
+            codes = unpack_codes(np.arange(256, dtype=np.uint8), name).reshape(256, per_byte).astype(np.intp)
+            counts = np.zeros((g1 - g0, palette), dtype=np.int64)
+            for k in range(per_byte):  # the k-th code of each byte value
+                counts += by_byte @ (codes[:, k][:, None] == np.arange(palette)[None, :]).astype(np.int64)
+            parts.append(counts.reshape(-1))
+            continue
         idx = rows(r0, r1)
         key = group_offsets(r0, idx.shape, blocks, g0, groups) * palette + idx
         parts.append(np.bincount(key.reshape(-1), minlength=math.prod(groups) * palette))
     return np.concatenate(parts).reshape(-1, palette), per_g0
+
+
+def _at(offsets: np.ndarray, shape: tuple[int, ...], flat: np.ndarray) -> np.ndarray:
+    """``np.broadcast_to(offsets, shape).reshape(-1)[flat]`` without materializing the broadcast."""
+    where = np.unravel_index(flat, shape)
+    return offsets[tuple(i if offsets.shape[k] > 1 else 0 for k, i in enumerate(where))]
 
 
 def _compare_luts(anchor: Weight, target: Weight, norms: dict) -> Metrics | None:
@@ -185,13 +209,18 @@ def _compare_luts(anchor: Weight, target: Weight, norms: dict) -> Metrics | None
     rows_t, lut_t = pt[0], pt[1]
     store = store_type(anchor) or np.float64
     shape = anchor.shape
+    name = element_type(lut_indices(anchor))
     cached = norms.get(("lut counts", id(anchor)))
     if cached is None:
-        cached = _index_counts(rows_a, lut_a, shape, blocks, palette)
+        cached = _index_counts(rows_a, lut_a, shape, blocks, palette, lut_indices(anchor), name)
         if cached is None:
             return None
         norms[("lut counts", id(anchor))] = cached
     counts, per_g0 = cached
+    ind_a, ind_t = lut_indices(anchor), lut_indices(target)
+    bits = BLOB_DTYPE_BY_NAME[name].bits if name in BLOB_DTYPE_BY_NAME else 0
+    per_byte = 8 // bits if bits in (1, 2, 4, 8) else 0
+    n_row = math.prod(shape[1:])
     off_a = np.zeros(counts.shape, dtype=np.int64)  # elements with differing indices, by anchor index
     off_t = np.zeros(counts.shape, dtype=np.int64)  # ... by target index
     diff = _Diff()
@@ -203,11 +232,25 @@ def _compare_luts(anchor: Weight, target: Weight, norms: dict) -> Metrics | None
         lt = lt_.reshape(-1, palette).astype(store).astype(np.float64)
         las.append(la)
         lts.append(lt)
-        ia, it = rows_a(r0, r1), rows_t(r0, r1)
-        where = np.flatnonzero(ia != it)
-        if where.size:
-            g = np.broadcast_to(group_offsets(r0, ia.shape, blocks, g0, groups), ia.shape).reshape(-1)[where]
+        e0, e1 = r0 * n_row, r1 * n_row
+        ra = raw_bytes(ind_a, e0, e1) if per_byte else None
+        rt = raw_bytes(ind_t, e0, e1) if ra is not None else None
+        if ra is not None and rt is not None:
+            # Differing stored bytes, then the codes they hold (equal codes among them dropped).
+            where_b = np.flatnonzero(ra != rt)
+            ca = unpack_codes(ra[where_b], name)
+            ct = unpack_codes(rt[where_b], name)
+            flat = (where_b[:, None] * per_byte + np.arange(per_byte)).reshape(-1)
+            keep = ca != ct
+            where, i, j = flat[keep], ca[keep].astype(np.int64), ct[keep].astype(np.int64)
+            win_shape = (r1 - r0,) + shape[1:]
+        else:
+            ia, it = rows_a(r0, r1), rows_t(r0, r1)
+            where = np.flatnonzero(ia != it)
             i, j = ia.reshape(-1)[where].astype(np.int64), it.reshape(-1)[where].astype(np.int64)
+            win_shape = ia.shape
+        if where.size:
+            g = _at(group_offsets(r0, win_shape, blocks, g0, groups), win_shape, where)
             diff.add(la[g, i], lt[g, j])
             base = g0 * per_g0 * palette
             size = la.size

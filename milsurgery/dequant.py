@@ -800,3 +800,11 @@ def unpack_codes(raw: np.ndarray, name: str) -> np.ndarray:
     if not d.sub_byte:
         return raw.view(d.numpy)
     return _unpack(np.ascontiguousarray(raw), d.bits, 0, raw.size * 8 // d.bits, d.name == "int4")
+
+
+def lut_indices(w: Weight):
+    """For a weight :func:`lut_parts` accepts: its indices tensor (for :func:`raw_bytes`);
+    None otherwise."""
+    if lut_parts(w) is None:
+        return None
+    return _node_of(w).indices
