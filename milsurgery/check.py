@@ -24,8 +24,9 @@ The MIL program itself is compiled by Apple's closed compiler; of its requiremen
 coremltools' loader also enforces are checked here (``mil_violations``): program version 1, each
 function's opset naming one of its block specializations and known for the spec version,
 description and program naming the same functions, and every op binding only inputs its
-definition declares (the table in ``_mil_ops``, taken from coremltools' op definitions for opsets
-CoreML5 to CoreML8; ops and opsets it does not define are not judged).
+definition declares and every input it requires (the table in ``_mil_ops``, taken from
+coremltools' op definitions for opsets CoreML5 to CoreML8; ops and opsets it does not define are
+not judged).
 
 Cost: reads Manifest.json and the spec, and to confirm that a package found valid opens, its blob
 records; no weight bytes.
@@ -440,7 +441,7 @@ def mil_violations(model: pb.Model) -> list[Violation]:
     ``milproto`` loader refuses the same): program version 1; each function's opset one of its
     block specializations and known for the spec version; the description and the program
     naming the same functions (a single-function model's one function is ``main``); op inputs
-    declared by the op's definition."""
+    declared by the op's definition, and the ones it requires present."""
     out = []
     prog = model.mlProgram
     if prog.version != 1:
@@ -477,35 +478,42 @@ def mil_violations(model: pb.Model) -> list[Violation]:
 
 
 @functools.lru_cache(maxsize=None)
-def _op_inputs(op_type: str, opset: str) -> frozenset[str] | None:
-    """The input names coremltools' definition of ``op_type`` declares in ``opset``, or None
-    when it has none for them (an op or opset it does not define)."""
+def _op_inputs(op_type: str, opset: str) -> tuple[frozenset[str], frozenset[str]] | None:
+    """The input names coremltools' definition of ``op_type`` declares in ``opset`` and the
+    required ones among them, or None when it has none for them (an op or opset it does not
+    define). Names starting with ``_`` are set by coremltools from nested blocks, not bound."""
     changes = OP_INPUTS.get(op_type)
     if changes is None or opset not in OPSETS:
         return None
     found = None
-    for first, names in changes:
+    for first, names, required in changes:
         if OPSETS.index(first) <= OPSETS.index(opset):
-            found = frozenset(names)
+            found = (frozenset(names), frozenset(n for n in required if not n.startswith("_")))
     return found
 
 
 def _op_input_violations(block: pb.Block, opset: str, where: str) -> list[Violation]:
-    """Inputs an op binds that its definition in ``opset`` does not declare, in ``block`` and
-    the blocks nested in it. Ops or opsets coremltools does not define are not judged."""
+    """Inputs an op binds that its definition in ``opset`` does not declare, and required inputs
+    it binds neither as an input nor as an attribute (the form of ``const`` and the iOS16
+    constexpr ops), in ``block`` and the blocks nested in it. Ops or opsets coremltools does not
+    define are not judged."""
     out = []
     for op in block.operations:
-        names = _op_inputs(op.type, opset)
-        if names is not None and not names.issuperset([e.key for e in op.inputs]):
+        known = _op_inputs(op.type, opset)
+        if known is not None:
+            names, required = known
+            label = f"op {op.outputs[0].name!r}" if op.outputs else "op"
             for e in op.inputs:
                 if e.key not in names:
-                    label = f"op {op.outputs[0].name!r}" if op.outputs else "op"
                     out.append(Violation(
                         "program",
                         f"{label} ({op.type}) binds input {e.key!r}, which {op.type} does not have in "
                         f"opset {opset} (it has {', '.join(sorted(n for n in names if not n.startswith('_'))) or 'none'})",
                         where,
                     ))
+            given = {e.key for e in op.inputs} | {e.key for e in op.attributes}
+            for name in sorted(required - given):
+                out.append(Violation("program", f"{label} ({op.type}) lacks its required input {name!r} (opset {opset})", where))
         for nested in op.blocks:
             out += _op_input_violations(nested, opset, where)
     return out

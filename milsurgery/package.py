@@ -136,9 +136,11 @@ def open_input(root: str | os.PathLike, path: str | os.PathLike, *, fault: Calla
     weight files, a compiled model's files). ``path`` is resolved (symlinks followed) and must stay
     inside ``root``'s real path, else :class:`UnsafePathError`; the resolved path is opened without
     following a symlink and without blocking (a FIFO does not hang), and the descriptor must be a
-    regular file (not a device, FIFO, socket or directory). Other faults are raised as
-    ``fault(message)`` (default: :class:`PackageError` naming ``path``). Costs an ``lstat`` per
-    path component and one ``open``; reads nothing. The caller closes the descriptor.
+    regular file (not a device, FIFO, socket or directory). It is opened component by component
+    from ``root`` with no symlink followed, so a directory swapped for a symlink after the check
+    is refused too (:class:`UnsafePathError`). Other faults are raised as ``fault(message)``
+    (default: :class:`PackageError` naming ``path``). Costs an ``lstat`` and an ``open`` per path
+    component; reads nothing. The caller closes the descriptor.
     """
     path = os.fspath(path)
     if fault is None:
@@ -151,11 +153,15 @@ def open_input(root: str | os.PathLike, path: str | os.PathLike, *, fault: Calla
     if not _inside(real, root_real):
         raise UnsafePathError(f"{path}: resolves outside the package {root_real} (symlink), to {real}")
     try:
-        fd = os.open(real, _O_READ | getattr(os, "O_NOFOLLOW", 0))
+        fd = _open_beneath(root_real, real)
+    except _Swapped:
+        raise UnsafePathError(f"{path}: a directory on the way changed to a symlink while opening") from None
     except FileNotFoundError:
         raise fault("does not exist") from None
-    except (OSError, ValueError) as exc:
-        raise fault(f"cannot open: {getattr(exc, 'strerror', None) or exc}") from None
+    except OSError as exc:
+        raise fault(f"cannot open: {exc.strerror or exc}") from None
+    except ValueError as exc:
+        raise fault(f"cannot open: {exc}") from None
     try:
         st = os.fstat(fd)
         if not stat.S_ISREG(st.st_mode):
@@ -166,6 +172,38 @@ def open_input(root: str | os.PathLike, path: str | os.PathLike, *, fault: Calla
         os.close(fd)
         raise
     return fd
+
+
+class _Swapped(Exception):
+    """A directory component of a resolved path is no longer a directory (a symlink now)."""
+
+
+_WALK = os.open in os.supports_dir_fd and hasattr(os, "O_DIRECTORY") and hasattr(os, "O_NOFOLLOW")
+
+
+def _open_beneath(root_real: str, real: str) -> int:
+    """Open ``real`` (a resolved path inside the resolved ``root_real``) one component at a time
+    from ``root_real``, none followed if it is a symlink: a directory swapped for a symlink
+    between resolving and opening raises :class:`_Swapped` instead of leading out of the root."""
+    rel = os.path.relpath(real, root_real)
+    if not _WALK or rel == os.curdir:
+        return os.open(real, _O_READ | getattr(os, "O_NOFOLLOW", 0))
+    parts = rel.split(os.sep)
+    dirs = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | getattr(os, "O_CLOEXEC", 0)
+    dfd = os.open(root_real, os.O_RDONLY | os.O_DIRECTORY | getattr(os, "O_CLOEXEC", 0))
+    try:
+        for part in parts[:-1]:
+            try:
+                nfd = os.open(part, dirs, dir_fd=dfd)
+            except OSError as exc:
+                if exc.errno in (errno.ELOOP, errno.ENOTDIR):  # realpath saw a directory here
+                    raise _Swapped(part) from None
+                raise
+            os.close(dfd)
+            dfd = nfd
+        return os.open(parts[-1], _O_READ | os.O_NOFOLLOW, dir_fd=dfd)
+    finally:
+        os.close(dfd)
 
 
 def _file_kind(mode: int) -> str:

@@ -326,6 +326,7 @@ MIL_CASES = [
      "op 'y' (relu) binds input 'alpha', which relu does not have in opset CoreML8 (it has x)"),
     ("const-input", lambda m: _add_op(m, "const", ["x"]),
      "op 'y' (const) binds input 'x', which const does not have in opset CoreML8 (it has val)"),
+    ("op-required-input", lambda m: _add_op(m, "add", ["x"]), "op 'y' (add) lacks its required input 'y' (opset CoreML8)"),
 ]
 
 
@@ -401,3 +402,27 @@ def test_control_flow_states_and_lists_pass(tmp_path):
                   .mlProgram.functions[0].value.block_specializations[0].value.operations}
     assert {"cond", "while_loop", "write_state", "make_list", "list_write"} <= types_seen
     assert check(path).violations == []
+
+
+def test_missing_required_input_is_what_coremltools_refuses(tmp_path):
+    """An op without a required input: ``check`` names it, and coremltools' loader refuses the
+    same spec (its own rule, applied independently)."""
+    import coremltools as ct
+    import numpy as np
+    from coremltools.converters.mil import Builder as mb
+    from coremltools.converters.mil.frontend.milproto.load import load
+
+    @mb.program(input_specs=[mb.TensorSpec((2, 3))], opset_version=ct.target.iOS18)
+    def prog(x):
+        return mb.add(x=x, y=np.ones((2, 3), np.float32), name="out")
+
+    model = ct.convert(prog, convert_to="mlprogram", minimum_deployment_target=ct.target.iOS18, skip_model_load=True)
+    spec = model.get_spec()
+    ops = spec.mlProgram.functions["main"].block_specializations["CoreML8"].operations
+    add = next(op for op in ops if op.type == "add")
+    del add.inputs["y"]
+    path = _write(tmp_path, spec)
+    messages = [v.message for v in check(path).violations]
+    assert messages == [f"op {add.outputs[0].name!r} (add) lacks its required input 'y' (opset CoreML8)"]
+    with pytest.raises(ValueError, match="Required input y is missing"):
+        load(spec, specification_version=spec.specificationVersion, file_weights_dir=model.weights_dir)

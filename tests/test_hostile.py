@@ -299,3 +299,32 @@ def test_check_reads_a_spec_file_without_blocking(tmp_path):
         assert main(["check", str(fifo)]) == 2
     with time_limit(20), pytest.raises(SpecError, match="FIFO"):
         check(str(fifo))
+
+
+def test_a_directory_swapped_for_a_symlink_while_opening_is_refused(tmp_path, monkeypatch):
+    """Between resolving a path (it was inside) and opening it, a directory on the way becomes a
+    symlink to outside the package: the open is refused, the outside file never read."""
+    import milsurgery.package as package_mod
+
+    root = tmp_path / "root"
+    (root / "weights").mkdir(parents=True)
+    (root / "weights" / "weight.bin").write_bytes(b"inside")
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (outside / "weight.bin").write_bytes(b"secret")
+    real_inside = package_mod._inside
+
+    def swap_after_check(path, root_path):
+        ok = real_inside(path, root_path)
+        if path.endswith("weight.bin"):
+            os.rename(root / "weights", tmp_path / "moved")
+            os.symlink(str(outside), root / "weights")
+        return ok
+
+    monkeypatch.setattr(package_mod, "_inside", swap_after_check)
+    with pytest.raises(UnsafePathError, match="changed to a symlink while opening"):
+        read_input(str(root), str(root / "weights" / "weight.bin"), 100)
+    monkeypatch.setattr(package_mod, "_inside", real_inside)
+    # resolved afresh, the symlink is seen for what it is
+    with pytest.raises(UnsafePathError, match="outside the package"):
+        read_input(str(root), str(root / "weights" / "weight.bin"), 100)

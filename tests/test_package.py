@@ -46,6 +46,7 @@ def _pkg_with_hidden_references(tmp_path) -> str:
     op.inputs.add(key="weight").value.arguments.add().value.CopyFrom(val())
     cond = pb.Operation(type="cond")
     cond.outputs.add(name="z").type.CopyFrom(minipkg.tensor_type("float16", (2, 3)))
+    cond.inputs.add(key="pred").value.arguments.add(name="main_w0")
     nested = cond.blocks.add()
     nested.operations.append(minipkg.const_op("inner", val()))
     nested.outputs.append("inner")
