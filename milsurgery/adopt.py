@@ -9,14 +9,18 @@ almost identical weight of the anchor function.
    shape, with names left out. Only weights with equal keys can pair, so adoption never changes
    anything in a graph but blob references;
 2. sets aside weights byte-identical to an anchor weight of the same key (blob samples, then the
-   bytes decide): exact coalescing shares them without any value being computed;
+   bytes decide) and re-points them at the anchor's blobs, so the writer's coalescing sees one
+   blob and does not compare the bytes again;
 3. takes a cheap sketch of each remaining weight (256 materialized values from 16 rows spread
    along axis 0) and ranks the anchor's weights of the same key by sketch distance (names with
    a trailing ``_N`` stripped break ties; they never decide);
 4. computes, for the nearest candidate (and a runner-up whose sketch is about as close), the
-   full metrics over the whole materialized tensors in bounded windows with float64
-   accumulation (:func:`compare_weights`); the best candidate meeting every threshold is
-   adopted, otherwise the weight is reported as rejected with the threshold that failed;
+   full metrics over the whole materialized tensors with float64 accumulation
+   (:func:`compare_weights`: for the common kinds only what differs is decoded, the norms
+   coming from one pass over the anchor); the best candidate meeting every threshold is
+   adopted, otherwise the weight is reported as rejected with the threshold that failed.
+   Target weights are judged by two threads (numpy and ``pread`` release the GIL), the results
+   taken in order;
 5. returns the mapping of references (output function, op, location) -> the anchor's blob, which
    :func:`milsurgery.assemble.write_package` applies before coalescing (the writer is unchanged:
    the re-pointed references coalesce with the anchor's), and records the adoption in the
@@ -24,7 +28,9 @@ almost identical weight of the anchor function.
 
 I/O: the spec, 64-byte records and a few KiB of samples per blob for every weight; rows for the
 sketches; each candidate pair's blobs once for the byte comparison and once for the metrics.
-Memory is bounded by the windows (about 1 Mi elements), not by tensor or model size.
+Memory is bounded by the windows (about 1 Mi elements at most, per thread), not by tensor or
+model size (a LUT weight also keeps its index counts and palettes per group: at most 1 Mi
+entries each, else it is materialized in windows).
 """
 
 from __future__ import annotations
@@ -141,7 +147,7 @@ class _Sums:
 
 
 #: Largest (groups x palette) table of index counts the LUT path keeps for one weight.
-_MAX_BINS = 1 << 22
+_MAX_BINS = 1 << 20
 
 
 def _lut_windows(shape: tuple[int, ...], blocks: list[int]):
