@@ -438,6 +438,8 @@ def _compare_blocked(anchor: Weight, target: Weight, norms: dict) -> Metrics | N
     if pa is None or pt is None or pa[3] != pt[3] or store_type(anchor) is not np.float16:
         return None
     (da, sa_, oa_, block), (dt, st_, ot_, _) = pa, pt
+    if block > WINDOW_ELEMENTS:
+        return None  # windows hold whole blocks: a per-tensor scale of a large weight is windowed by rows
     name = element_type(da)
     if name not in _CODES or element_type(sa_) != "float16" or (oa_ is None) != (ot_ is None):
         return None

@@ -747,8 +747,8 @@ def store_type(w: Weight):
 
 
 def blocked_parts(w: Weight):
-    """For a weight that is one iOS 18 ``constexpr_blockwise_shift_scale`` of consts, scaled in
-    blocks along its last axis only (per-block or per-channel quantization of a linear weight):
+    """For a weight that is one iOS 18 ``constexpr_blockwise_shift_scale`` of consts whose blocks
+    are contiguous runs of elements (per-block along the last axis, per-channel quantization):
     (data, scale, offset or None, block size), each a tensor whose flat elements in C order are
     read with ``.elements(e0, e1)`` (``data`` as integer codes, the scale block ``k`` covering data
     elements ``[k * block, (k + 1) * block)``); None for any other form. Lets metrics compare
@@ -757,11 +757,16 @@ def blocked_parts(w: Weight):
     if w.op_type != "constexpr_blockwise_shift_scale":
         return None
     node = _node_of(w)
-    if not isinstance(node, _ShiftScale) or not node.shape or any(b != 1 for b in node.blocks[:-1]):
+    if not isinstance(node, _ShiftScale) or not node.shape:
+        return None
+    # Blocks are contiguous runs when, after the first axis split into blocks, each block spans
+    # its axes whole (per-block along the last axis, per-channel of a linear or conv weight).
+    first = next((k for k, b in enumerate(node.blocks) if b != 1), len(node.blocks))
+    if any(node.blocks[k] != node.shape[k] for k in range(first + 1, len(node.shape))):
         return None
     if not all(isinstance(p, _ValueNode) for p in (node.data, node.scale) + ((node.offset,) if node.offset else ())):
         return None
-    return node.data, node.scale, node.offset, node.blocks[-1]
+    return node.data, node.scale, node.offset, math.prod(node.blocks)
 
 
 def const_part(w: Weight):
