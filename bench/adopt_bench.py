@@ -10,7 +10,9 @@ each package compressed separately with coremltools:
 * ``int8``: linear int8, ``per_block`` 32;
 * ``int4``: linear int4, ``per_block`` 32;
 * ``identical``: the infer package (``int8``) against a copy of itself: every weight is
-  byte-identical (adoption must then cost no more than a plain merge).
+  byte-identical (adoption must then cost no more than a plain merge);
+* ``fp16``: the two float16 packages as converted, not compressed (what ``merge --adopt`` sees
+  before ``milsurgery compress``): 0.1 % of elements one ulp apart.
 
 For each size and kind, in one run: an independent computation (coremltools' own decompression
 of both packages, float64 numpy, pairs known by construction) lists the pairs that meet the
@@ -41,7 +43,7 @@ sys.path.insert(0, HERE)
 
 from merge_bench import REFERENCE, settle, timed, warm, weight_bin  # noqa: E402
 
-KINDS = ("lut4", "lut6", "int8", "int4", "identical")
+KINDS = ("lut4", "lut6", "int8", "int4", "identical", "fp16")
 HIDDEN = 2048  # groups of 8 rows hold 16,384 values: kmeans1d, as coremltools picks it for real models
 NUDGE = 0.001
 
@@ -166,6 +168,9 @@ def build_pair(workdir: str, size_mib: int, kind: str) -> tuple[str, str]:
     for name in ("infer", "prefill"):
         seq, nudge = (1, 0.0) if name == "infer" else (8, NUDGE)
         src = cached(floats[name], lambda tmp, s=seq, n=nudge: run_py(BUILD, tmp, str(s), str(layers), str(HIDDEN), str(n)))
+        if kind == "fp16":
+            out.append(src)
+            continue
         dest = os.path.join(workdir, f"{tag}-{name}-{kind}.mlpackage")
         out.append(cached(dest, lambda tmp, s=src: run_py(COMPRESS, s, tmp, kind)))
     return out[0], out[1]
@@ -207,6 +212,7 @@ def run_case(workdir: str, size_mib: int, kind: str, reference: bool) -> dict:
     result["adopted_as_expected"] = result["adopted"] == sorted(expected["pass"]) and result["rejected"] == sorted(expected["fail"])
     ours = result["merge --adopt"]
     result["seconds_per_gib_compressed"] = round(ours["seconds"] / (inputs / 2**30), 2)
+    result["pass_seconds_per_gib"] = round(result["adopt_seconds_in_process"] / (inputs / 2**30), 2)
     result["output_vs_single"] = round(ours["output_bytes"] / result["infer_bytes"], 4)
     result["time_vs_plain_merge"] = round(ours["seconds"] / result["merge"]["seconds"], 2)
     if reference:
@@ -230,6 +236,8 @@ def render(results: list[dict]) -> str:
                 lines.append(f"  {tool:20s} {t['seconds']:8.2f} s  peak RSS {t['peak_rss_mib']:7.1f} MiB  "
                              f"weight.bin {t['output_bytes'] / 2**20:8.1f} MiB")
         extra = f", {r['time_vs_save_multifunction']}x save_multifunction's time" if "time_vs_save_multifunction" in r else ""
+        lines.append(f"  adoption pass (in process, dry run): {r['adopt_seconds_in_process']:.2f} s, "
+                     f"{r['pass_seconds_per_gib']} s per GiB of input")
         lines.append(f"  adopt: {r['seconds_per_gib_compressed']} s per GiB of compressed input, output "
                      f"{r['output_vs_single']}x the single function, {r['time_vs_plain_merge']}x plain merge's time{extra}")
     return "\n".join(lines)

@@ -34,7 +34,7 @@ import numpy as np
 
 from ._proto import milsurgery_spec_pb2 as pb
 from .errors import SpecError, UsageError
-from .formats import BLOB_DTYPE_BY_PROTO
+from .formats import BLOB_DTYPE_BY_NAME, BLOB_DTYPE_BY_PROTO
 from .package import Package, ResolvedRef
 
 __all__ = ["Weight", "WINDOW_ELEMENTS", "find_weights", "get_weight", "iter_values", "dequantize", "sample_values"]
@@ -744,3 +744,72 @@ def group_offsets(r0: int, shape: tuple[int, ...], blocks: list[int], first_bloc
 def store_type(w: Weight):
     """The numpy type Core ML materializes the weight in (float16/float32), or None."""
     return _FLOAT_TYPES.get(w.dtype)
+
+
+def blocked_parts(w: Weight):
+    """For a weight that is one iOS 18 ``constexpr_blockwise_shift_scale`` of consts whose blocks
+    are contiguous runs of elements (per-block along the last axis, per-channel quantization):
+    (data, scale, offset or None, block size), each a tensor whose flat elements in C order are
+    read with ``.elements(e0, e1)`` (``data`` as integer codes, the scale block ``k`` covering data
+    elements ``[k * block, (k + 1) * block)``); None for any other form. Lets metrics compare
+    codes and scales block by block and materialize only the blocks that differ (see
+    :func:`milsurgery.adopt.compare_weights`)."""
+    if w.op_type != "constexpr_blockwise_shift_scale":
+        return None
+    node = _node_of(w)
+    if not isinstance(node, _ShiftScale) or not node.shape:
+        return None
+    # Blocks are contiguous runs when, after the first axis split into blocks, each block spans
+    # its axes whole (per-block along the last axis, per-channel of a linear or conv weight).
+    first = next((k for k, b in enumerate(node.blocks) if b != 1), len(node.blocks))
+    if any(node.blocks[k] != node.shape[k] for k in range(first + 1, len(node.shape))):
+        return None
+    if not all(isinstance(p, _ValueNode) for p in (node.data, node.scale) + ((node.offset,) if node.offset else ())):
+        return None
+    return node.data, node.scale, node.offset, math.prod(node.blocks)
+
+
+def const_part(w: Weight):
+    """For a blob-valued ``const`` weight: its tensor (flat elements read with
+    ``.elements(e0, e1)``, in the blob's own type); None for any other form."""
+    if w.op_type != "const":
+        return None
+    node = _node_of(w)
+    return node if isinstance(node, _ValueNode) and node.shape else None
+
+
+def element_type(part) -> str | None:
+    """The blob dtype name (``int8``, ``uint4``, ``float16``...) of a tensor handed out by
+    :func:`blocked_parts` or :func:`const_part`."""
+    d = BLOB_DTYPE_BY_PROTO.get(part.dtype)
+    return None if d is None else d.name
+
+
+def raw_bytes(part, e0: int, e1: int) -> np.ndarray | None:
+    """The stored bytes (uint8) of flat elements [e0, e1) of a blob-held tensor handed out by
+    :func:`blocked_parts` or :func:`const_part`; None for an immediate value or a range that
+    does not start and end on byte boundaries."""
+    r = getattr(part, "resolved", None)
+    if r is None:
+        return None
+    bits = r.blob.dtype.bits
+    if (e0 * bits) % 8 or (e1 * bits) % 8:
+        return None
+    b0, b1 = e0 * bits // 8, e1 * bits // 8
+    return np.frombuffer(os.pread(r.file.fileno(), b1 - b0, r.blob.data_offset + b0), dtype=np.uint8)
+
+
+def unpack_codes(raw: np.ndarray, name: str) -> np.ndarray:
+    """Integer codes of blob type ``name`` (``int4``, ``uint8``...) from whole stored bytes."""
+    d = BLOB_DTYPE_BY_NAME[name]
+    if not d.sub_byte:
+        return raw.view(d.numpy)
+    return _unpack(np.ascontiguousarray(raw), d.bits, 0, raw.size * 8 // d.bits, d.name == "int4")
+
+
+def lut_indices(w: Weight):
+    """For a weight :func:`lut_parts` accepts: its indices tensor (for :func:`raw_bytes`);
+    None otherwise."""
+    if lut_parts(w) is None:
+        return None
+    return _node_of(w).indices

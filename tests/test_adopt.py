@@ -305,3 +305,61 @@ def test_sketch_proposes_full_metrics_decide(models):
                 assert m.mean_abs == pytest.approx(f["mean_abs"], rel=1e-12)
                 assert m.max_abs == f["max_abs"]
                 assert m.elements == 16 * 1280
+
+
+@pytest.fixture(scope="module")
+def sparse_pairs(tmp_path_factory):
+    """Float16 infer/prefill pairs with awkward rows (values in float16's subnormal range, an
+    all-zero row, a large row), as converted and as compressed by blockwise kinds."""
+    d = tmp_path_factory.mktemp("sparse_diff")
+    shapes = [(16, 512), (32, 512)]
+
+    def awkward(ws):
+        ws[0][1] *= np.float16(1e-3)  # ~5e-5: scales below 2**-14, subnormal values
+        ws[0][2] = 0
+        ws[1][3] *= np.float16(2000.0)  # large values: scales near the top of float16's range
+        return ws
+
+    infer = linears(str(d / "i.mlpackage"), awkward(linear_weights(11, shapes)), seq=1)
+    prefill = linears(str(d / "p.mlpackage"), awkward(linear_weights(11, shapes, nudge=0.3)), seq=4)
+    out = {"fp16": (infer, prefill)}
+    for kind in ("int8_block", "uint4_channel", "lut6_grouped"):
+        out[kind] = (compress(infer, str(d / f"i_{kind}.mlpackage"), kind),
+                     compress(prefill, str(d / f"p_{kind}.mlpackage"), kind))
+    return out
+
+
+@pytest.mark.parametrize("kind", ["fp16", "int8_block", "uint4_channel", "lut6_grouped"])
+def test_sparse_difference_metrics_match_independent(sparse_pairs, kind):
+    """Blockwise-quantized, LUT and float16 weights are measured where they differ, with the
+    norms derived from the anchor's: the metrics equal an independent float64 computation over
+    the whole tensors as coremltools evaluates them (awkward scales included), and the anchor's
+    cached norm (or index counts) gives the same answer the second time."""
+    from milsurgery.dequant import blocked_parts, const_part, lut_parts
+
+    part = {"fp16": const_part, "lut6_grouped": lut_parts}.get(kind, blocked_parts)
+
+    pair = sparse_pairs[kind]
+    anchors, targets = ct_function_weights(pair[0], "main"), ct_function_weights(pair[1], "main")
+    with Package(pair[0]) as pa, Package(pair[1]) as pb_:
+        wa = {w.name: w for w in find_weights(pa, "main")}
+        wt = {w.name: w for w in find_weights(pb_, "main")}
+        differing = 0
+        for name, (tv, _) in targets.items():
+            a, t = wa[name], wt[name]
+            if a.size < 1000:
+                continue  # biases
+            # the sparse-difference path is the one measuring this pair
+            assert part(a) is not None
+            ref = metrics(anchors[name][0], tv)
+            norms: dict = {}
+            for _ in range(2):
+                m = compare_weights(a, t, norms)
+                assert m.elements == tv.size
+                assert m.cosine == pytest.approx(ref["cosine"], rel=1e-12)
+                assert m.mean_abs == pytest.approx(ref["mean_abs"], rel=1e-12)
+                assert m.max_abs == ref["max_abs"]
+                assert m.rel_rms == pytest.approx(ref["rel_rms"], rel=1e-9)
+            assert norms  # filled by the anchor's first measurement
+            differing += not np.array_equal(anchors[name][0], tv)
+        assert differing, "the pairs should differ somewhere"
