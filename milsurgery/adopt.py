@@ -19,8 +19,8 @@ almost identical weight of the anchor function.
    (:func:`compare_weights`: for the common kinds only what differs is decoded, the norms
    coming from one pass over the anchor); the best candidate meeting every threshold is
    adopted, otherwise the weight is reported as rejected with the threshold that failed.
-   Target weights are judged by two threads (numpy and ``pread`` release the GIL), the results
-   taken in order;
+   Target weights are judged one after the other, in order (two threads were measured slower
+   than one on a 2-core machine: the numpy calls on cache-sized windows contend);
 5. returns the mapping of references (output function, op, location) -> the anchor's blob, which
    :func:`milsurgery.assemble.write_package` applies before coalescing (the writer is unchanged:
    the re-pointed references coalesce with the anchor's), and records the adoption in the
@@ -41,7 +41,6 @@ import math
 import re
 import time
 from collections.abc import Sequence
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 
 import numpy as np
@@ -93,9 +92,6 @@ CANDIDATES = 2
 SKETCH_VALUES = 256
 #: Sketch distances (relative L2) this close to the nearest candidate's count as a tie.
 SKETCH_SLACK = 1e-3
-#: Target weights judged at once (threads: numpy and pread release the GIL).
-WORKERS = 2
-
 
 @dataclass
 class Metrics:
@@ -827,29 +823,26 @@ def plan_adoption(
                 check_weight(w)  # every weight's ops are consistent before anything is decided
                 targets.append((out_name, w))
     judge = _Judge(pool, thresholds, _Sketches(), {})
-    # Each target is judged on its own (numpy and pread release the GIL: two workers use both
-    # cores); the results are taken in target order, so the report does not depend on timing.
-    with ThreadPoolExecutor(max_workers=WORKERS) as ex:
-        for (out_name, w), verdict in zip(targets, ex.map(lambda t: judge(t[1]), targets)):
-            report.weights += 1
-            kind, c, m, detail = verdict
-            if kind == "unpaired":
-                report.unpaired += 1
-                continue
-            if kind == "identical":
-                report.identical += 1
-                if c is not None:
-                    # Re-pointed at the anchor's blobs (the same bytes): the writer's coalescing
-                    # sees one blob and does not compare them again.
-                    for ra, rt in _blob_pairs(c, w):
-                        mapping[(out_name, rt.ref.op_name, rt.ref.location)] = ra
-                continue
-            if kind == "rejected":
-                report.rejected.append(Rejection(out_name, w.name, w.kind, anchor, c.name, detail, m))
-                continue
-            report.adopted.append(Adoption(out_name, w.name, w.kind, anchor, c.name, m, detail))
-            for ra, rt in _blob_pairs(c, w):
-                mapping[(out_name, rt.ref.op_name, rt.ref.location)] = ra
+    for out_name, w in targets:
+        report.weights += 1
+        kind, c, m, detail = judge(w)
+        if kind == "unpaired":
+            report.unpaired += 1
+            continue
+        if kind == "identical":
+            report.identical += 1
+            if c is not None:
+                # Re-pointed at the anchor's blobs (the same bytes): the writer's coalescing
+                # sees one blob and does not compare them again.
+                for ra, rt in _blob_pairs(c, w):
+                    mapping[(out_name, rt.ref.op_name, rt.ref.location)] = ra
+            continue
+        if kind == "rejected":
+            report.rejected.append(Rejection(out_name, w.name, w.kind, anchor, c.name, detail, m))
+            continue
+        report.adopted.append(Adoption(out_name, w.name, w.kind, anchor, c.name, m, detail))
+        for ra, rt in _blob_pairs(c, w):
+            mapping[(out_name, rt.ref.op_name, rt.ref.location)] = ra
     report.seconds = time.perf_counter() - start
     return AdoptPlan(report, mapping)
 
