@@ -7,6 +7,10 @@ each package compressed separately with coremltools:
 
 * ``lut4``: k-means LUT4, ``per_grouped_channel``, group size 8;
 * ``lut6``: k-means LUT6, ``per_grouped_channel``, group size 16;
+* ``lut4u``: uniform LUT4, ``per_grouped_channel``, group size 8: the same ops and blob layout as
+  ``lut4``, built in seconds rather than coremltools' k-means minutes, so LUT adoption can be
+  timed at sizes k-means cannot reach here (a group's LUT only changes when a nudged element is
+  its minimum or maximum, so most LUTs are equal and only some indices differ);
 * ``int8``: linear int8, ``per_block`` 32;
 * ``int4``: linear int4, ``per_block`` 32;
 * ``identical``: the infer package (``int8``) against a copy of itself: every weight is
@@ -43,7 +47,7 @@ sys.path.insert(0, HERE)
 
 from merge_bench import REFERENCE, settle, timed, warm, weight_bin  # noqa: E402
 
-KINDS = ("lut4", "lut6", "int8", "int4", "identical", "fp16")
+KINDS = ("lut4", "lut6", "lut4u", "int8", "int4", "identical", "fp16")
 HIDDEN = 2048  # groups of 8 rows hold 16,384 values: kmeans1d, as coremltools picks it for real models
 NUDGE = 0.001
 
@@ -97,9 +101,10 @@ import coremltools.optimize.coreml as cto
 
 src, dest, kind = sys.argv[1:4]
 model = ct.models.MLModel(src, skip_model_load=True)
-if kind in ("lut4", "lut6"):
+if kind in ("lut4", "lut6", "lut4u"):
     nbits, group = (6, 16) if kind == "lut6" else (4, 8)
-    op = cto.OpPalettizerConfig(mode="kmeans", nbits=nbits, granularity="per_grouped_channel", group_size=group)
+    mode = "uniform" if kind == "lut4u" else "kmeans"
+    op = cto.OpPalettizerConfig(mode=mode, nbits=nbits, granularity="per_grouped_channel", group_size=group)
     out = cto.palettize_weights(model, cto.OptimizationConfig(global_config=op))
 else:
     op = cto.OpLinearQuantizerConfig(mode="linear_symmetric", dtype=kind, granularity="per_block", block_size=32)
@@ -176,7 +181,7 @@ def build_pair(workdir: str, size_mib: int, kind: str) -> tuple[str, str]:
     return out[0], out[1]
 
 
-def run_case(workdir: str, size_mib: int, kind: str, reference: bool) -> dict:
+def run_case(workdir: str, size_mib: int, kind: str, reference: bool, rounds: int = 1) -> dict:
     a, b = build_pair(workdir, size_mib, kind)
     expected = json.loads(run_py(EXPECTED, os.path.join(ROOT, "tests"), a, b, "0.9999", "0.001", capture=True))
     inputs = os.path.getsize(weight_bin(a)) + os.path.getsize(weight_bin(b))
@@ -190,25 +195,39 @@ def run_case(workdir: str, size_mib: int, kind: str, reference: bool) -> dict:
     }
     if reference:
         tools["save_multifunction"] = [sys.executable, "-c", REFERENCE, a, b]
-    for tool, argv in tools.items():
-        out = os.path.join(workdir, f"out-{tool.replace(' ', '').replace('-', '')}.mlpackage")
-        shutil.rmtree(out, ignore_errors=True)
-        warm(a)
-        warm(b)
-        settle()
-        r = timed(argv + [out])
-        r["output_bytes"] = os.path.getsize(weight_bin(out))
+    runs: dict[str, list[dict]] = {tool: [] for tool in tools}
+    for i in range(rounds):  # the tools take turns, in a different order each round
+        order = list(tools) if i % 2 == 0 else list(reversed(tools))
+        for tool in order:
+            out = os.path.join(workdir, f"out-{tool.replace(' ', '').replace('-', '')}.mlpackage")
+            shutil.rmtree(out, ignore_errors=True)
+            warm(a)
+            warm(b)
+            settle()
+            r = timed(tools[tool] + [out])
+            r["output_bytes"] = os.path.getsize(weight_bin(out))
+            runs[tool].append(r)
+            shutil.rmtree(out, ignore_errors=True)
+    for tool in tools:
+        ordered = sorted(runs[tool], key=lambda r: r["seconds"])
+        r = dict(ordered[(len(ordered) - 1) // 2])  # the median run (the lower one of an even count)
+        r["rounds_seconds"] = [x["seconds"] for x in runs[tool]]
+        r["peak_rss_mib"] = max(x["peak_rss_mib"] for x in runs[tool])
         result[tool] = r
         if tool == "merge --adopt":
-            report = subprocess.run(
-                [sys.executable, "-m", "milsurgery", "merge", *srcs, "--adopt", "--dry-run", "--json", "-o", out + "-dry"],
-                check=True, capture_output=True, text=True, env=dict(os.environ, PYTHONPATH=ROOT),
-            )
-            d = json.loads(report.stdout)
+            out = os.path.join(workdir, "out-mergeadopt.mlpackage")
+            passes = []
+            for _ in range(rounds):
+                report = subprocess.run(
+                    [sys.executable, "-m", "milsurgery", "merge", *srcs, "--adopt", "--dry-run", "--json", "-o", out + "-dry"],
+                    check=True, capture_output=True, text=True, env=dict(os.environ, PYTHONPATH=ROOT),
+                )
+                d = json.loads(report.stdout)
+                passes.append(d["totals"]["seconds"])
             result["adopted"] = sorted(x["op"] for x in d["adopted"])
             result["rejected"] = sorted(x["op"] for x in d["rejected"])
-            result["adopt_seconds_in_process"] = d["totals"]["seconds"]
-        shutil.rmtree(out, ignore_errors=True)
+            result["adopt_seconds_in_process"] = sorted(passes)[(len(passes) - 1) // 2]
+            result["adopt_seconds_rounds"] = passes
     result["adopted_as_expected"] = result["adopted"] == sorted(expected["pass"]) and result["rejected"] == sorted(expected["fail"])
     ours = result["merge --adopt"]
     result["seconds_per_gib_compressed"] = round(ours["seconds"] / (inputs / 2**30), 2)
@@ -248,6 +267,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--sizes", default="64", help="comma-separated MiB of fp16 weights per package")
     p.add_argument("--kinds", default=",".join(KINDS), help=f"comma-separated among {', '.join(KINDS)}")
     p.add_argument("--no-reference", action="store_true", help="skip coremltools' save_multifunction")
+    p.add_argument("--rounds", type=int, default=1, help="runs of each tool, taking turns; the median is reported")
     p.add_argument("--workdir", default=os.path.join(HERE, "out"))
     p.add_argument("--json", help="also write the results to this file")
     args = p.parse_args(argv)
@@ -257,7 +277,7 @@ def main(argv: list[str] | None = None) -> int:
         for kind in args.kinds.split(","):
             if kind not in KINDS:
                 p.error(f"unknown kind {kind!r}")
-            results.append(run_case(args.workdir, size, kind, not args.no_reference))
+            results.append(run_case(args.workdir, size, kind, not args.no_reference, args.rounds))
             print(render(results[-1:]), flush=True)
     if args.json:
         with open(args.json, "w") as f:
