@@ -389,6 +389,13 @@ class BlobWriter:
         """Size of the file once closed: the end of the last blob's data."""
         return self._end
 
+    def reserve(self, dtype: BlobDType | str | int, nbytes: int, padding_bits: int = 0) -> tuple[int, int]:
+        """Append the record of a blob of ``nbytes`` whose data someone else writes later (worker
+        processes writing windows of it with ``pwrite``): returns (record offset, data offset).
+        Data never written reads as zeros."""
+        d = self._dtype(dtype)
+        return self._reserve(d, nbytes, padding_bits if d.sub_byte else 0)
+
     def _reserve(self, dtype: BlobDType, nbytes: int, padding_bits: int) -> tuple[int, int]:
         if nbytes <= 0:
             raise ValueError("a blob must hold at least one byte")

@@ -667,7 +667,7 @@ def compress(
                         places.append(None)
                         continue
                     padding = (-count * d.bits) % 8 if d.sub_byte else 0
-                    record, data = scratch._reserve(d, (count * d.bits + 7) // 8, padding)
+                    record, data = scratch.reserve(d, (count * d.bits + 7) // 8, padding)
                     recs.append(record)
                     places.append(data)
                 records.append(recs)
