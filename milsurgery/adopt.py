@@ -371,6 +371,57 @@ def _blocked_sumsq(parts, s: np.ndarray, o, block: int, codes) -> float:
     return total
 
 
+#: Largest int4 block whose per-block sums fit the 16-bit fields of :func:`_int4_pair_table`: a
+#: pair of bytes adds at most 4 * 8**2 = 256 to the sum of squares, so 512 / 4 * 256 = 32768 < 2**16.
+_INT4_TABLE_MAX_BLOCK = 512
+_int4_tables: tuple[np.ndarray, np.ndarray] | None = None
+
+
+def _int4_tables_once() -> tuple[np.ndarray, np.ndarray]:
+    """Two lookup tables for :func:`_int4_sumsq`, made on first use (a few milliseconds).
+
+    ``pairs[v]``, for each of the 65,536 values of two stored int4 bytes (four codes), packs four
+    16-bit sums: of ``q**2``; of the count of ``|q| == 3`` plus four times that of ``|q| == 6``;
+    of the count of ``|q| == 5``; of that of ``|q| == 7``. Products of a float16 scale by 0, 1, 2,
+    4 or 8 are exact in float16, by 6 they round as twice the product by 3 (same significand), so
+    only 3, 5 and 7 need a rounded square. ``scales[b]``, for each float16 bit pattern ``b`` of a
+    scale ``s``: ``s**2`` and, for k = 3, 5, 7, ``float16(k*s)**2 - (k*s)**2`` (exact in float64)."""
+    global _int4_tables
+    if _int4_tables is None:
+        v = np.arange(1 << 16, dtype=np.int64)
+        q = [np.abs(np.where(n >= 8, n - 16, n)) for n in ((v >> (4 * k)) & 15 for k in range(4))]
+        fields = [sum(x * x for x in q), sum((x == 3) + 4 * (x == 6) for x in q),
+                  sum((x == 5) * 1 for x in q), sum((x == 7) * 1 for x in q)]
+        pairs = sum(f.astype(np.uint64) << np.uint64(16 * k) for k, f in enumerate(fields))
+        s = np.arange(1 << 16, dtype=np.uint32).astype(np.uint16).view(np.float16).astype(np.float64)
+        with np.errstate(all="ignore"):  # infinities and NaNs: never looked up (see the range test)
+            cols = [s * s]
+            for k in (3.0, 5.0, 7.0):
+                exact = s * k
+                rounded = exact.astype(np.float16).astype(np.float64)
+                cols.append(rounded * rounded - exact * exact)
+        _int4_tables = (pairs, np.stack(cols, axis=1))
+    return _int4_tables
+
+
+def _int4_sumsq(raw: np.ndarray, s: np.ndarray, block: int) -> float | None:
+    """Sum of squares of the float16-materialized ``s * q`` of a window of symmetric int4 codes
+    (``raw``: the stored bytes of whole blocks; ``s``: one float16 scale per block), in float64,
+    from lookups on pairs of bytes: per block ``s**2 * sum(q**2)`` (exact) plus, for codes 3, 5
+    and 7, the difference their rounding makes to a square, times their count. None when the
+    window does not suit the tables (block size; a scale whose products could be float16
+    subnormals or overflow)."""
+    if block % 4 or block > _INT4_TABLE_MAX_BLOCK or raw.size % 2:
+        return None
+    a = np.abs(s.astype(np.float32))
+    if a.size and not (a.min() >= np.float32(2.0**-14) and a.max() <= np.float32(65504.0 / 8)):
+        return None
+    pairs, scales = _int4_tables_once()
+    packed = np.einsum("ij->i", np.take(pairs, raw.view("<u2")).reshape(s.size, block // 4))
+    fields = packed.view(np.uint16).reshape(s.size, 4).astype(np.float64)
+    return float(np.einsum("ij,ij->", np.take(scales, s.view(np.uint16), axis=0), fields))
+
+
 def _code_parts(raw: np.ndarray | None, name: str, codes):
     """The codes of a window as :func:`_blocked_sumsq` takes them: 4-bit codes straight from the
     stored bytes as (low nibbles, high nibbles), others whole."""
@@ -459,7 +510,8 @@ def _compare_blocked(anchor: Weight, target: Weight, norms: dict) -> Metrics | N
         oa = oa_.elements(b0, b1) if oa_ is not None else None
         ot = ot_.elements(b0, b1) if ot_ is not None else None
         if na is None:
-            total += _blocked_sumsq(_code_parts(ra, name, qa), sa, oa, block, qa)
+            quick = _int4_sumsq(ra, sa, block) if name == "int4" and oa is None and ra is not None else None
+            total += quick if quick is not None else _blocked_sumsq(_code_parts(ra, name, qa), sa, oa, block, qa)
         differ = _differ(ra, rt, units) if ra is not None else _differ(qa(), qt(), units)
         differ |= sa.view(np.uint16) != st.view(np.uint16)
         if oa is not None:

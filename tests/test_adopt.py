@@ -323,13 +323,13 @@ def sparse_pairs(tmp_path_factory):
     infer = linears(str(d / "i.mlpackage"), awkward(linear_weights(11, shapes)), seq=1)
     prefill = linears(str(d / "p.mlpackage"), awkward(linear_weights(11, shapes, nudge=0.3)), seq=4)
     out = {"fp16": (infer, prefill)}
-    for kind in ("int8_block", "uint4_channel", "lut6_grouped"):
+    for kind in ("int8_block", "int4_block", "uint4_channel", "lut6_grouped"):
         out[kind] = (compress(infer, str(d / f"i_{kind}.mlpackage"), kind),
                      compress(prefill, str(d / f"p_{kind}.mlpackage"), kind))
     return out
 
 
-@pytest.mark.parametrize("kind", ["fp16", "int8_block", "uint4_channel", "lut6_grouped"])
+@pytest.mark.parametrize("kind", ["fp16", "int8_block", "int4_block", "uint4_channel", "lut6_grouped"])
 def test_sparse_difference_metrics_match_independent(sparse_pairs, kind):
     """Blockwise-quantized, LUT and float16 weights are measured where they differ, with the
     norms derived from the anchor's: the metrics equal an independent float64 computation over
@@ -363,3 +363,24 @@ def test_sparse_difference_metrics_match_independent(sparse_pairs, kind):
             assert norms  # filled by the anchor's first measurement
             differing += not np.array_equal(anchors[name][0], tv)
         assert differing, "the pairs should differ somewhere"
+
+
+def test_int4_table_sum_of_squares_equals_materialized():
+    """The table path for symmetric int4 (sum of squares from lookups on pairs of stored bytes
+    and on the scale's bits) equals squaring the float16-materialized values, for every code
+    and scales across float16's normal range; scales it cannot take are declined."""
+    from milsurgery.adopt import _int4_sumsq
+    from milsurgery.dequant import unpack_codes
+
+    rng = np.random.default_rng(7)
+    for block in (4, 32, 128, 512):
+        n_blocks = 200
+        raw = rng.integers(0, 256, n_blocks * block // 2, dtype=np.uint8)
+        raw[: block // 2] = (np.arange(block // 2) * 17 % 256).astype(np.uint8)  # codes -8..7 all seen
+        scale = (2.0 ** rng.uniform(-14, 12.9, n_blocks)).astype(np.float16) * rng.choice([-1, 1], n_blocks).astype(np.float16)
+        q = unpack_codes(raw, "int4").astype(np.float64).reshape(n_blocks, block)
+        values = (q * scale.astype(np.float64)[:, None]).astype(np.float16).astype(np.float64).reshape(-1)
+        assert _int4_sumsq(raw, scale, block) == pytest.approx(float(values @ values), rel=1e-13)
+    assert _int4_sumsq(raw, np.full(n_blocks, 2.0**-15, np.float16), 512) is None  # subnormal products
+    assert _int4_sumsq(raw, np.full(n_blocks, 9000, np.float16), 512) is None  # 8 * 9000 overflows
+    assert _int4_sumsq(raw[:-2], scale[:-1], 1024) is None  # blocks too long for the 16-bit fields
