@@ -55,7 +55,7 @@ from .formats import (
     SPEC_FOR_OPSET,
     align,
 )
-from .package import PARTIAL_MARKER, Package, ResolvedRef
+from .package import PARTIAL_MARKER, Package, ResolvedRef, open_input
 from .palettize import MODES, SUPPORTED_NBITS, ErrorSums, pack_codes, palettize
 from .quantize import QUANT_DTYPES, quantize
 from .spec import BlobRef, entry
@@ -412,7 +412,7 @@ def _compress_one(job: tuple) -> dict:
     inline tensors' bytes travel back)."""
     import numpy as np
 
-    path, offset, dtype, shape, grouping, config, out_path, places = job
+    root, path, identity, offset, dtype, shape, grouping, config, out_path, places = job
     np_type = np.dtype("<f2" if dtype == "float16" else "<f4")
     op_type, blobs = _layout(shape, dtype, grouping, config)
     kind, axis, how = grouping
@@ -425,7 +425,13 @@ def _compress_one(job: tuple) -> dict:
             for (key, name, bshape), place in zip(blobs, places)
         ]
         errors = ErrorSums()
-        with open(path, "rb") as f:
+        # opened as every package file is (contained, no symlink followed), and it must still be
+        # the file the main process validated
+        source = open_input(root, path, fault=lambda message: PackageError(f"{path}: {message}"))
+        with os.fdopen(source, "rb") as f:
+            st = os.fstat(f.fileno())
+            if (st.st_dev, st.st_ino) != identity:
+                raise PackageError(f"{path}: replaced by another file while compressing")
             for r0 in range(0, rows, step):
                 n = min(step, rows - r0)
                 f.seek(offset + r0 * row_len * np_type.itemsize)
@@ -672,7 +678,7 @@ def compress(
                     places.append(data)
                 records.append(recs)
                 out_path = scratch.path if scratch is not None else None
-                jobs.append((c.ref.file.path, c.ref.blob.data_offset, c.dtype, c.shape, groupings[i], config, out_path, places))
+                jobs.append((pkg.path, c.ref.file.path, c.ref.file.identity, c.ref.blob.data_offset, c.dtype, c.shape, groupings[i], config, out_path, places))
             if scratch is not None:
                 scratch.close()  # the records are final; workers fill in the data
             sizes = [candidates[i].ref.blob.size for i in firsts]
