@@ -45,7 +45,7 @@ from ._proto import milsurgery_spec_pb2 as pb
 from .assemble import Pick, Progress, WriteReport, write_package
 from .blobfile import BlobFile, BlobWriter
 from .coalesce import BlobSource, group_identical
-from .errors import DestinationExistsError, UsageError, WriteError
+from .errors import DestinationExistsError, PackageError, UsageError, WriteError
 from .formats import (
     ALIGNMENT,
     BLOB_DTYPE_BY_NAME,

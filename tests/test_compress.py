@@ -463,3 +463,28 @@ def test_verify_tolerance_judges_compressed_weights_by_their_values(mixed, tmp_p
         assert max_abs[w.ops[0].split("/", 1)[1]] == pytest.approx(w.max_abs_error, rel=1e-9)
     worst = min(t["metrics"]["cosine"] for t in check.tolerated)
     assert not verify(lut2, [mixed], tolerance=True, min_cosine=math.nextafter(worst, 2), max_mean_abs=1.0).equivalent
+
+
+def test_weight_file_replaced_before_a_worker_reads_it(mixed, tmp_path, monkeypatch, capsys):
+    """A worker opens the weight file as every package file is opened and checks it is still
+    the one the package was validated with: a weight.bin swapped for another file (here a copy:
+    same bytes, another inode) between the two is a one-line error, and nothing is written."""
+    import shutil
+
+    compress_mod = sys.modules["milsurgery.compress"]  # the name milsurgery.compress is the function
+    src = str(tmp_path / "src.mlpackage")
+    shutil.copytree(mixed, src)
+    blob = os.path.join(checks.weights_dir(src), "weight.bin")
+    run_jobs = compress_mod._run_jobs
+
+    def swap_then_run(*args, **kwargs):
+        shutil.copyfile(blob, blob + ".new")
+        os.replace(blob + ".new", blob)
+        yield from run_jobs(*args, **kwargs)
+
+    monkeypatch.setattr(compress_mod, "_run_jobs", swap_then_run)
+    out = str(tmp_path / "out.mlpackage")
+    assert main(["compress", src, "-o", out, "--palettize", "4", "--mode", "uniform", "--workers", "1"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "weight.bin: replaced by another file while compressing" in err
+    assert not os.path.exists(out) and os.listdir(tmp_path) == ["src.mlpackage"]
