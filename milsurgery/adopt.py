@@ -28,9 +28,9 @@ almost identical weight of the anchor function.
 
 I/O: the spec, 64-byte records and a few KiB of samples per blob for every weight; rows for the
 sketches; each candidate pair's blobs once for the byte comparison and once for the metrics.
-Memory is bounded by the windows (about 1 Mi elements at most, per thread), not by tensor or
-model size (a LUT weight also keeps its index counts and palettes per group: at most 1 Mi
-entries each, else it is materialized in windows).
+Memory is bounded by the windows (about 1 Mi elements at most), not by tensor or model size (a
+LUT weight also keeps its index counts and palettes per group: at most 1 Mi entries each, else
+it is materialized in windows).
 """
 
 from __future__ import annotations
@@ -56,13 +56,13 @@ from .dequant import (
     element_type,
     find_weights,
     group_offsets,
-    lut_indices,
-    raw_bytes,
-    unpack_codes,
     iter_values,
+    lut_indices,
     lut_parts,
+    raw_bytes,
     sample_values,
     store_type,
+    unpack_codes,
 )
 from .errors import UsageError
 from .formats import ADOPTED_METADATA_KEY, BLOB_DTYPE_BY_NAME
@@ -92,6 +92,7 @@ CANDIDATES = 2
 SKETCH_VALUES = 256
 #: Sketch distances (relative L2) this close to the nearest candidate's count as a tie.
 SKETCH_SLACK = 1e-3
+
 
 @dataclass
 class Metrics:
@@ -376,7 +377,7 @@ def _blocked_sumsq(parts, s: np.ndarray, o, block: int, codes) -> float:
     return total
 
 
-#: Largest int4 block whose per-block sums fit the 16-bit fields of :func:`_int4_pair_table`: a
+#: Largest int4 block whose per-block sums fit the 16-bit fields of :func:`_int4_tables_once`: a
 #: pair of bytes adds at most 4 * 8**2 = 256 to the sum of squares, so 512 / 4 * 256 = 32768 < 2**16.
 _INT4_TABLE_MAX_BLOCK = 512
 _int4_tables: tuple[np.ndarray, np.ndarray] | None = None
