@@ -28,7 +28,6 @@ from __future__ import annotations
 import math
 import os
 from collections.abc import Iterator
-from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -36,6 +35,8 @@ from ._proto import milsurgery_spec_pb2 as pb
 from .errors import SpecError, UsageError
 from .formats import BLOB_DTYPE_BY_NAME, BLOB_DTYPE_BY_PROTO
 from .package import Package, ResolvedRef
+from .weights import Weight, WeightGraph, shape_of
+from .weights import find_weights as _find_weights
 
 __all__ = ["Weight", "WINDOW_ELEMENTS", "find_weights", "get_weight", "iter_values", "dequantize", "sample_values"]
 
@@ -43,63 +44,6 @@ __all__ = ["Weight", "WINDOW_ELEMENTS", "find_weights", "get_weight", "iter_valu
 WINDOW_ELEMENTS = 1 << 20
 
 _FLOAT_TYPES = {pb.FLOAT16: np.float16, pb.FLOAT32: np.float32, pb.FLOAT64: np.float64}
-_CONSTEXPR_PREFIX = "constexpr_"
-
-
-@dataclass
-class Weight:
-    """One weight of a function: the op that outputs it and every const/constexpr op feeding it.
-
-    ``ops`` lists the producing ops terminal first, then depth-first through their inputs in
-    input-name order (the same order for two weights of the same structure); ``refs`` holds the
-    blob references of those ops in the same order, each resolved to its blob.
-    """
-
-    package: Package
-    function: str
-    name: str  # the weight's variable name (first output of the terminal op)
-    ops: list[pb.Operation]
-    refs: list[ResolvedRef] = field(default_factory=list)
-    shape: tuple[int, ...] = ()
-    dtype: int = 0  # proto DataType of the materialized tensor
-    graph: object = field(default=None, repr=False, compare=False)  # the function's op index, shared
-
-    @property
-    def op_type(self) -> str:
-        return self.ops[0].type
-
-    @property
-    def kind(self) -> str:
-        """The producing op types, terminal first (``const`` for a dense weight)."""
-        return "+".join(dict.fromkeys(op.type for op in self.ops if op.type != "const")) or "const"
-
-    @property
-    def size(self) -> int:
-        return math.prod(self.shape)
-
-    @property
-    def blob_bytes(self) -> int:
-        """Bytes of the distinct blobs the weight's ops reference."""
-        return sum({(id(r.file), r.blob.record_offset): r.blob.size for r in self.refs}.values())
-
-    def describe(self) -> str:
-        return f"function {self.function!r} op {self.name!r} ({self.op_type})"
-
-
-def _error(w_pkg: Package, function: str, op: pb.Operation, message: str) -> SpecError:
-    name = op.outputs[0].name if op.outputs else "?"
-    return SpecError(w_pkg.spec_path, f"function {function!r} op {name!r} ({op.type}): {message}")
-
-
-def _shape_of(vtype: pb.ValueType) -> tuple[int, ...] | None:
-    if vtype.WhichOneof("type") != "tensorType":
-        return None
-    dims = []
-    for d in vtype.tensorType.dimensions:
-        if d.WhichOneof("dimension") != "constant":
-            return None
-        dims.append(d.constant.size)
-    return tuple(dims)
 
 
 def _rowlen(shape: tuple[int, ...]) -> int:
@@ -155,7 +99,7 @@ class _ValueNode(_Node):
 
     def __init__(self, value: pb.Value, resolved: ResolvedRef | None, where: str, pkg: Package):
         self.where = where
-        shape = _shape_of(value.type)
+        shape = shape_of(value.type)
         if shape is None:
             raise SpecError(pkg.spec_path, f"{where}: not a tensor of constant shape")
         self.shape = shape
@@ -227,7 +171,7 @@ def _group_offsets(r0: int, shape: tuple[int, ...], blocks: list[int], first_blo
     axis 0 starts at ``first_block``. Broadcast sums of per-axis vectors (int64): the result
     broadcasts to ``shape`` (axes with one block have size 1)."""
     rank = len(shape)
-    strides = [int(np.prod(groups[k + 1 :])) for k in range(rank)]
+    strides = [math.prod(groups[k + 1 :]) for k in range(rank)]
     out = np.zeros((1,) * rank, dtype=np.int64)
     for k in range(rank):
         if groups[k] == 1:
@@ -456,47 +400,21 @@ class _Cast(_Node):
 
 
 # --- building nodes from ops -------------------------------------------------------------------
-class _Graph:
-    """A function's top-level ops by output name, and each op's resolved blob references."""
+class _Graph(WeightGraph):
+    """A function's ops and blob references (:class:`milsurgery.weights.WeightGraph`), able to
+    build each weight's evaluation."""
 
-    def __init__(self, pkg: Package, function: str):
-        self.pkg, self.function = pkg, function
-        fn = pkg.function(function)
-        block = None
-        for e in fn.block_specializations:
-            if e.key == fn.opset or block is None:
-                block = e.value
-        self.block = block
-        self.producers: dict[str, tuple[pb.Operation, int]] = {}
-        for op in block.operations if block is not None else ():
-            for i, out in enumerate(op.outputs):
-                self.producers[out.name] = (op, i)
-        self.refs: dict[str, list[ResolvedRef]] = {}
-        for r in pkg.function_refs(function):
-            if ".blocks[" not in r.ref.location and r.ref.op_name:
-                self.refs.setdefault(r.ref.op_name, []).append(r)
-
-    def fail(self, op: pb.Operation):
-        return lambda message: _error(self.pkg, self.function, op, message)
-
-    def param(self, op: pb.Operation, name: str):
-        """An op's parameter: ("op", producer, output index), ("value", Value, location) or None."""
-        for e in op.inputs:
-            if e.key == name:
-                args = e.value.arguments
-                if len(args) != 1:
-                    raise self.fail(op)(f"input {name!r} binds {len(args)} arguments, expected 1")
-                b = args[0]
-                if b.WhichOneof("binding") == "name":
-                    found = self.producers.get(b.name)
-                    if found is None:
-                        raise self.fail(op)(f"input {name!r} is {b.name!r}, which no const op produces")
-                    return ("op",) + found
-                return ("value", b.value, f"inputs[{name}][0]")
-        for e in op.attributes:
-            if e.key == name:
-                return ("value", e.value, f"attributes[{name}]")
-        return None
+    @classmethod
+    def of(cls, graph: WeightGraph) -> _Graph:
+        """``graph`` able to evaluate: itself, or a view sharing its tables (made once)."""
+        if isinstance(graph, cls):
+            return graph
+        view = graph.__dict__.get("_evaluation")
+        if view is None:
+            view = cls.__new__(cls)
+            view.__dict__.update(graph.__dict__)
+            graph._evaluation = view
+        return view
 
     def value_node(self, op: pb.Operation, value: pb.Value, location: str) -> _ValueNode:
         where = f"function {self.function!r} op {op.outputs[0].name if op.outputs else '?'!r} ({op.type}) {location}"
@@ -534,7 +452,7 @@ class _Graph:
             return self.value_node(op, val, "attributes[val]")
         if index != 0 and t not in ("constexpr_lut_to_sparse", "constexpr_sparse_blockwise_shift_scale"):
             raise fail(f"output {index} is not a weight")
-        declared = _shape_of(op.outputs[index].type) if len(op.outputs) > index else None
+        declared = shape_of(op.outputs[index].type) if len(op.outputs) > index else None
         if t == "constexpr_lut_to_dense":
             if self.param(op, "shape") is not None:  # iOS 16: attributes, packed indices, one LUT
                 lut = self.small(op, "lut").reshape(-1)
@@ -596,66 +514,10 @@ class _Graph:
 
 
 # --- weights -----------------------------------------------------------------------------------
-def _is_weight_op(graph: _Graph, op: pb.Operation) -> bool:
-    if op.type.startswith(_CONSTEXPR_PREFIX):
-        return True
-    return op.type == "const" and bool(op.outputs) and bool(graph.refs.get(op.outputs[0].name))
-
-
-def _closure(graph: _Graph, op: pb.Operation) -> list[pb.Operation]:
-    """``op`` and every const/constexpr op feeding it, depth-first in input-name order."""
-    out: list[pb.Operation] = []
-    seen: set[int] = set()
-
-    def visit(o: pb.Operation) -> None:
-        if id(o) in seen:
-            return
-        seen.add(id(o))
-        out.append(o)
-        for e in sorted(o.inputs, key=lambda e: e.key):
-            for b in e.value.arguments:
-                if b.WhichOneof("binding") == "name" and b.name in graph.producers:
-                    p = graph.producers[b.name][0]
-                    if p.type == "const" or p.type.startswith(_CONSTEXPR_PREFIX):
-                        visit(p)
-
-    visit(op)
-    return out
-
-
 def find_weights(pkg: Package, function: str) -> list[Weight]:
-    """Every weight of ``function`` that holds blob data, in graph order.
-
-    A weight is a blob-valued ``const`` or a constexpr op whose output is used by something other
-    than another constexpr op (its intermediate results belong to it). Reads the spec only; no
-    weight bytes. Ops in nested blocks (loop and cond bodies) are not considered.
-    """
-    graph = _Graph(pkg, function)
-    if graph.block is None:
-        return []
-    consumed: set[str] = set()  # outputs feeding a constexpr op
-    for op in graph.block.operations:
-        if op.type.startswith(_CONSTEXPR_PREFIX):
-            for e in op.inputs:
-                for b in e.value.arguments:
-                    if b.WhichOneof("binding") == "name":
-                        consumed.add(b.name)
-    weights = []
-    for op in graph.block.operations:
-        if not _is_weight_op(graph, op) or not op.outputs or op.outputs[0].name in consumed:
-            continue
-        if op.type.startswith(_CONSTEXPR_PREFIX) and op.type in ("constexpr_lut_to_sparse", "constexpr_sparse_blockwise_shift_scale"):
-            continue
-        ops = _closure(graph, op)
-        refs = [r for o in ops for r in graph.refs.get(o.outputs[0].name if o.outputs else "", [])]
-        if not refs:
-            continue
-        shape = _shape_of(op.outputs[0].type)
-        if shape is None:
-            continue
-        w = Weight(pkg, function, op.outputs[0].name, ops, refs, shape, op.outputs[0].type.tensorType.dataType, graph)
-        weights.append(w)
-    return weights
+    """Every weight of ``function`` that holds blob data, in graph order (see
+    :func:`milsurgery.weights.find_weights`), each able to be evaluated here."""
+    return _find_weights(pkg, function, _Graph)
 
 
 def get_weight(pkg: Package, function: str, name: str) -> Weight:
@@ -667,7 +529,7 @@ def get_weight(pkg: Package, function: str, name: str) -> Weight:
 
 
 def _node_of(w: Weight) -> _Node:
-    graph = w.graph if isinstance(w.graph, _Graph) else _Graph(w.package, w.function)
+    graph = _Graph.of(w.graph) if isinstance(w.graph, WeightGraph) else _Graph(w.package, w.function)
     return graph.node(w.ops[0], 0)
 
 
@@ -727,7 +589,7 @@ def lut_parts(w: Weight):
     """For a weight that is one iOS 18 ``constexpr_lut_to_dense`` of scalar entries: a reader of
     its palette indices by rows, a reader of its LUT groups by rows, the group sizes per axis and
     the palette size; None for any other form. Lets metrics work on indices and palettes without
-    materializing values (see :func:`milsurgery.adopt.compare_weights`)."""
+    materializing values (see :func:`milsurgery.measure.compare_weights`)."""
     if w.op_type != "constexpr_lut_to_dense":
         return None
     node = _node_of(w)
@@ -753,7 +615,7 @@ def blocked_parts(w: Weight):
     read with ``.elements(e0, e1)`` (``data`` as integer codes, the scale block ``k`` covering data
     elements ``[k * block, (k + 1) * block)``); None for any other form. Lets metrics compare
     codes and scales block by block and materialize only the blocks that differ (see
-    :func:`milsurgery.adopt.compare_weights`)."""
+    :func:`milsurgery.measure.compare_weights`)."""
     if w.op_type != "constexpr_blockwise_shift_scale":
         return None
     node = _node_of(w)
