@@ -69,12 +69,12 @@ def drift_pair(workdir: str, size_mib: int) -> tuple[str, str]:
 
 
 # Reconstruction error of one function's compressed weights against a package's own fp16 values:
-# per weight (paired by output name; coremltools appends "_palettized" to it) the metrics of milsurgery.adopt.compare_weights; the worst
+# per weight (paired by output name; coremltools appends "_palettized" to it) the metrics of milsurgery.measure.compare_weights; the worst
 # of each over the weights.
 ERROR = """
 import json, sys
 from milsurgery import Package
-from milsurgery.adopt import compare_weights
+from milsurgery.measure import compare_weights
 from milsurgery.dequant import find_weights
 out, function, src = sys.argv[1:4]
 with Package(out) as a, Package(src) as b:

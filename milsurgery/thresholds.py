@@ -11,7 +11,25 @@ from dataclasses import asdict, dataclass
 
 from .errors import UsageError
 
-__all__ = ["Thresholds", "adoption_options"]
+__all__ = ["Thresholds", "Metrics", "adoption_options"]
+
+
+@dataclass
+class Metrics:
+    """How far a target weight's values are from an anchor's (delta = anchor - target)."""
+
+    cosine: float
+    mean_abs: float
+    max_abs: float
+    rel_rms: float  # sqrt(sum delta^2 / sum target^2)
+    elements: int
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    def text(self) -> str:
+        return (f"cosine {self.cosine:.9f}, mean |delta| {self.mean_abs:.3g}, max |delta| {self.max_abs:.3g}, "
+                f"relative RMS {self.rel_rms:.3g}")
 
 
 @dataclass(frozen=True)

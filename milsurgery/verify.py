@@ -376,7 +376,7 @@ def _weights_within(pkg: Package, name: str, src: Package, src_name: str, tolera
     rewritten to constexpr ops by ``compress``, say) are compared weight by weight on their
     dequantized values: each weight meeting the thresholds goes to ``check.tolerated`` with its
     metrics, any other is a difference naming it. False when the graphs differ otherwise."""
-    from .adopt import compare_weights
+    from .measure import compare_weights
 
     ca, wa = _weights_replaced(pkg, name)
     cb, wb = _weights_replaced(src, src_name)

@@ -369,7 +369,7 @@ def test_int4_table_sum_of_squares_equals_materialized():
     """The table path for symmetric int4 (sum of squares from lookups on pairs of stored bytes
     and on the scale's bits) equals squaring the float16-materialized values, for every code
     and scales across float16's normal range; scales it cannot take are declined."""
-    from milsurgery.adopt import _int4_sumsq
+    from milsurgery.measure import _int4_sumsq
     from milsurgery.dequant import unpack_codes
 
     rng = np.random.default_rng(7)
@@ -384,3 +384,23 @@ def test_int4_table_sum_of_squares_equals_materialized():
     assert _int4_sumsq(raw, np.full(n_blocks, 2.0**-15, np.float16), 512) is None  # subnormal products
     assert _int4_sumsq(raw, np.full(n_blocks, 9000, np.float16), 512) is None  # 8 * 9000 overflows
     assert _int4_sumsq(raw[:-2], scale[:-1], 1024) is None  # blocks too long for the 16-bit fields
+
+
+@pytest.mark.parametrize("name", ["uint1", "uint2", "uint4", "uint8"])
+def test_lut_index_counts_from_stored_bytes(name):
+    """Per-group index counts taken from stored bytes (a count per byte value, split into the
+    codes each byte holds) equal counting the decoded indices, for every width a byte holds whole."""
+    from milsurgery.measure import _window_counts
+    from milsurgery.dequant import unpack_codes
+
+    bits = int(name[4:])
+    rng = np.random.default_rng(bits)
+    shape, blocks = (24, 64), [8, 64]  # 3 groups of 8 rows
+    raw = rng.integers(0, 256, math.prod(shape) * bits // 8, dtype=np.uint8)
+    idx = unpack_codes(raw, name).reshape(shape)
+    want = np.stack([np.bincount(idx[g * 8:(g + 1) * 8].reshape(-1), minlength=1 << bits) for g in range(3)])
+    got = _window_counts(raw, lambda: idx, 0, 0, 3, (3, 1), blocks, 1 << bits, bits)
+    assert got.shape == want.shape and np.array_equal(got, want)
+    # the decoded path (no stored bytes at hand) agrees
+    assert np.array_equal(_window_counts(None, lambda: idx, 0, 0, 3, (3, 1), blocks, 1 << bits, bits), want)
+
