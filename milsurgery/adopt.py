@@ -213,11 +213,42 @@ def render_report(d: dict) -> str:
     return "\n".join(lines)
 
 
+class DeferredMismatch(Exception):
+    """A weight taken as byte-identical from its blob samples was not: the plan must be made
+    again with its bytes compared (see :func:`plan_adoption`'s ``defer_identical``)."""
+
+
 @dataclass
 class AdoptPlan:
     report: AdoptReport
     #: (output function, op name, location) -> the anchor's blob that reference is to point at
     mapping: dict[tuple[str, str, str], ResolvedRef]
+    #: Weights whose blobs' samples equal those of anchor weights (output function, weight, the
+    #: anchor weights sampled equal) and whose bytes the writer's own coalescing is to confirm
+    #: (:meth:`confirm`); counted as byte-identical in the report.
+    deferred: list[tuple[str, Weight, list[Weight]]] = field(default_factory=list)
+
+    def confirm(self, pairs: list[tuple[BlobRef, ResolvedRef]], canonical: list[int]) -> None:
+        """Called by the writer once every blob is copied, with the pairs written and, for each,
+        the index of the first pair holding identical bytes: raises :class:`DeferredMismatch`
+        unless every deferred weight's blobs were coalesced with those of one of its anchor
+        weights (its bytes equal theirs). The writer then discards its output."""
+        if not self.deferred:
+            return
+        index = {(new.function, new.op_name, new.location): i for i, (new, _) in enumerate(pairs)}
+        anchor = self.report.anchor
+        for out_name, w, matched in self.deferred:
+            def shared(c: Weight) -> bool:
+                for ra, rt in _blob_pairs(c, w):
+                    i = index.get((out_name, rt.ref.op_name, rt.ref.location))
+                    j = index.get((anchor, ra.ref.op_name, ra.ref.location))
+                    if i is None or j is None or canonical[i] != canonical[j]:
+                        return False
+                return True
+
+            if not any(shared(c) for c in matched):
+                raise DeferredMismatch(f"{w.describe()}: blob samples equal an anchor weight's, bytes differ")
+
     def apply(self, model: pb.Model, pairs: list[tuple[BlobRef, ResolvedRef]]) -> list[tuple[BlobRef, ResolvedRef]]:
         """Re-point the adopted references of ``pairs`` (output reference, source blob) at the
         anchor's blobs and record the adoption in ``model``'s metadata."""
@@ -275,10 +306,11 @@ def _blob_pairs(anchor: Weight, target: Weight) -> list[tuple[ResolvedRef, Resol
 
 
 class _Screen:
-    """First look at one target weight, from the spec and blob bytes only (no numpy):
-    ("unpaired", None) when no anchor weight has its structure, ("identical", anchor weight or
-    None) when an anchor weight of its structure holds the same bytes (None: the very same
-    blobs), else ("measure", the anchor weights of its structure)."""
+    """First look at one target weight, from the spec and blob samples only (no numpy):
+    ("unpaired", None) when no anchor weight has its structure, ("identical", None) when it
+    references the very same blobs as one, ("sampled", (anchor weights whose blob samples equal
+    its own, all candidates)) when bytes are to decide, else ("measure", the anchor weights of
+    its structure)."""
 
     def __init__(self, pool: dict[bytes, list[Weight]]):
         self.pool = pool
@@ -292,13 +324,21 @@ class _Screen:
                    for ra, rt in _blob_pairs(c, w)) for c in candidates):
             return ("identical", None)  # already the very same blobs
         # Byte-identical weights are found before any value is computed: samples of every blob
-        # agree, then the bytes decide (each blob is read once: the writer is told).
-        for c in candidates:
-            pairs = _blob_pairs(c, w)
-            if all(self.sample(ra) == self.sample(rt) for ra, rt in pairs) and all(
-                    blobs_equal(BlobSource(ra.file, ra.blob), BlobSource(rt.file, rt.blob)) for ra, rt in pairs):
-                return ("identical", c)
+        # agree, then the bytes decide (:func:`_confirm`, or the writer: see plan_adoption).
+        matched = [c for c in candidates if all(self.sample(ra) == self.sample(rt) for ra, rt in _blob_pairs(c, w))]
+        if matched:
+            return ("sampled", (matched, candidates))
         return ("measure", candidates)
+
+
+def _confirm(w: Weight, found) -> tuple:
+    """A "sampled" verdict of :class:`_Screen` decided by the bytes: ("identical", the first
+    anchor weight whose blobs hold the same bytes) or ("measure", every candidate)."""
+    matched, candidates = found
+    for c in matched:
+        if all(blobs_equal(BlobSource(ra.file, ra.blob), BlobSource(rt.file, rt.blob)) for ra, rt in _blob_pairs(c, w)):
+            return ("identical", c)
+    return ("measure", candidates)
 
 
 class _Judge:
@@ -349,6 +389,7 @@ def plan_adoption(
     anchor: str | None = None,
     *,
     dry_run: bool = False,
+    defer_identical: bool = False,
 ) -> AdoptPlan:
     """Decide which weights adopt which: ``functions`` lists (package, source function name,
     output function name) in output order; the anchor is the first or the one named ``anchor``
@@ -358,7 +399,11 @@ def plan_adoption(
     Every weight is screened first from the spec and blob bytes (:class:`_Screen`); only if some
     weight is not byte-identical to an anchor weight are values evaluated (numpy is imported
     then), and then every weight's ops are checked for consistency before anything is decided.
-    When all are byte-identical the outcome is a plain merge's, at a plain merge's cost."""
+    When all are byte-identical the outcome is a plain merge's, at a plain merge's cost: with
+    ``defer_identical`` (not with ``dry_run``) and every weight's blob samples equal to an anchor
+    weight's, the bytes are not compared here but left to the writer's coalescing, which
+    compares them while it copies (:meth:`AdoptPlan.confirm` checks it did share them; if not,
+    the caller plans again without deferring)."""
     start = time.perf_counter()
     names = [f[2] for f in functions]
     if anchor is None:
@@ -375,6 +420,12 @@ def plan_adoption(
     targets = [(out_name, w) for pkg, src, out_name in functions if out_name != anchor for w in find_weights(pkg, src)]
     screen = _Screen(pool)
     first = [screen(w) for _, w in targets]
+    deferred = []
+    if defer_identical and not dry_run and all(kind in ("identical", "sampled") for kind, _ in first):
+        deferred = [(out_name, w, found[0]) for (out_name, w), (kind, found) in zip(targets, first) if kind == "sampled"]
+        first = [("identical", None) for _ in first]  # confirmed by the writer
+    else:
+        first = [_confirm(w, found) if kind == "sampled" else (kind, found) for (_, w), (kind, found) in zip(targets, first)]
     judge = None
     if any(kind != "identical" for kind, _ in first):
         from .dequant import check_weight
@@ -406,12 +457,28 @@ def plan_adoption(
         for ra, rt in _blob_pairs(c, w):
             mapping[(out_name, rt.ref.op_name, rt.ref.location)] = ra
     report.seconds = time.perf_counter() - start
-    return AdoptPlan(report, mapping)
+    return AdoptPlan(report, mapping, deferred)
 
 
-def plan_for_picks(picks, thresholds: Thresholds, anchor: str | None, dry_run: bool = False) -> AdoptPlan:
+def plan_for_picks(picks, thresholds: Thresholds, anchor: str | None, dry_run: bool = False,
+                   defer_identical: bool = False) -> AdoptPlan:
     """:func:`plan_adoption` for the picks (:class:`milsurgery.assemble.Pick`) of a writer."""
-    return plan_adoption([(p.source, p.name, p.new_name) for p in picks], thresholds, anchor, dry_run=dry_run)
+    return plan_adoption([(p.source, p.name, p.new_name) for p in picks], thresholds, anchor, dry_run=dry_run,
+                         defer_identical=defer_identical)
+
+
+def write_adopting(picks, thresholds: Thresholds, anchor: str | None, write) -> tuple[AdoptPlan, object]:
+    """Plan adoption for ``picks`` and write with it: ``write(adjust, confirm)`` writes the
+    package (:func:`milsurgery.assemble.write_package`'s keywords of those names). Byte-identical
+    weights are left to the writer to confirm; should one not be (equal samples, different
+    bytes), the writer's output is discarded and the plan made and written again with every
+    byte compared first. Returns the plan and what ``write`` returned."""
+    plan = plan_for_picks(picks, thresholds, anchor, defer_identical=True)
+    try:
+        return plan, write(plan.apply, plan.confirm)
+    except DeferredMismatch:
+        plan = plan_for_picks(picks, thresholds, anchor)
+        return plan, write(plan.apply, None)
 
 
 def weight_differences(pkg, function: str, src, src_function: str, differing, tolerance: Thresholds | None, check):

@@ -285,6 +285,7 @@ def write_package(
     progress: Progress | None = None,
     check: Callable[[str], None] | None = None,
     adjust: Callable[[pb.Model, list[tuple[BlobRef, ResolvedRef]]], list[tuple[BlobRef, ResolvedRef]]] | None = None,
+    confirm: Callable[[list[tuple[BlobRef, ResolvedRef]], list[int]], None] | None = None,
 ) -> WriteReport:
     """Write a new package holding ``picks`` to ``dest`` atomically; see the module docstring.
 
@@ -295,7 +296,10 @@ def write_package(
     called once the output spec is built, may return the pairs with some references paired with
     other source blobs (and edit the model's metadata): near-duplicate adoption uses it;
     compression also replaces ops in the graphs and pairs the new references with blobs of a
-    scratch file (see :mod:`milsurgery.compress`)."""
+    scratch file (see :mod:`milsurgery.compress`). ``confirm(pairs, canonical)``, called once every
+    blob is copied with, for each pair, the index of the first pair holding identical bytes, may
+    raise to discard the output (adoption uses it to have the coalescing confirm weights it took
+    as byte-identical)."""
     start = time.perf_counter()
     warnings: list[str] = []
     model, pairs = build_model(picks, default=default, single=single, spec_version=spec_version, warnings=warnings)
@@ -337,6 +341,8 @@ def write_package(
                     done += src.blob.size
                     if progress:
                         progress("copying", done, total)
+        if confirm is not None:
+            confirm(pairs, canonical)
         for (ref, _), c in zip(pairs, canonical):
             ref.value.blobFileValue.fileName = DEFAULT_WEIGHT_REF
             ref.value.blobFileValue.offset = offsets[c]

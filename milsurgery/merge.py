@@ -54,13 +54,10 @@ def merge(
     opened: dict[str, Package] = {}
     try:
         picks = resolve_sources(sources, opened)
-        plan = None
-        if thresholds is not None:
+        if thresholds is not None and dry_run:
             from .adopt import plan_for_picks
 
-            plan = plan_for_picks(picks, thresholds, anchor, dry_run)
-            if dry_run:
-                return plan.report
+            return plan_for_picks(picks, thresholds, anchor, dry_run).report
         check = None
         checked = []
         if verify:
@@ -71,10 +68,18 @@ def merge(
             check = lambda staged: checked.append(  # noqa: E731
                 verify_staged(staged, dest, picks, thresholds, progress, default=expected_default)
             )
-        report = write_package(out, picks, default=default, force=force, sync=sync, progress=progress, check=check,
-                               adjust=plan.apply if plan else None)
-        if plan is not None:
+
+        def write(adjust=None, confirm=None):
+            return write_package(out, picks, default=default, force=force, sync=sync, progress=progress, check=check,
+                                 adjust=adjust, confirm=confirm)
+
+        if thresholds is not None:
+            from .adopt import write_adopting
+
+            plan, report = write_adopting(picks, thresholds, anchor, write)
             report.adoption = plan.report.to_dict()
+        else:
+            report = write()
         if checked:
             report.verified = dict(checked[0].to_dict(), summary=checked[0].summary())
         return report

@@ -404,3 +404,54 @@ def test_lut_index_counts_from_stored_bytes(name):
     # the decoded path (no stored bytes at hand) agrees
     assert np.array_equal(_window_counts(None, lambda: idx, 0, 0, 3, (3, 1), blocks, 1 << bits, bits), want)
 
+
+def test_identical_weights_are_confirmed_by_the_writer(sparse_pairs, tmp_path):
+    """When every weight's blob samples equal an anchor weight's, merge --adopt leaves the byte
+    comparison to the writer's coalescing (no numpy imported, output as a plain merge's); a
+    weight whose bytes differ outside the samples is caught before anything is written, and
+    the merge is planned again with the bytes compared: the weight is then measured and adopted."""
+    import shutil
+    import sys
+
+    from milsurgery.coalesce import SAMPLE
+
+    infer = sparse_pairs["int8_block"][0]
+    copy = str(tmp_path / "copy.mlpackage")
+    shutil.copytree(infer, copy)
+    out = str(tmp_path / "out.mlpackage")
+    code = ("import json, sys; from milsurgery import merge; "
+            f"r = merge([{infer + ':main=infer'!r}, {copy + ':main=prefill'!r}], {out!r}, adopt=True); "
+            "print(json.dumps([r.adoption['totals'], 'numpy' in sys.modules]))")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    totals, numpy_loaded = json.loads(done.stdout)
+    assert not numpy_loaded
+    assert totals["identical"] == totals["weights"] > 0 and totals["adopted"] == totals["rejected"] == 0
+    plain = str(tmp_path / "plain.mlpackage")
+    merge([f"{infer}:main=infer", f"{copy}:main=prefill"], plain)
+    with open(weight_bin(out), "rb") as f, open(weight_bin(plain), "rb") as g:
+        assert f.read() == g.read()
+
+    # One int8 code one step up, between the start and middle samples of its blob.
+    with Package(copy) as pkg:
+        w = next(w for w in find_weights(pkg, "main") if w.shape == (32, 512))
+        blob = next(r.blob for r in w.refs if r.blob.size == 32 * 512)
+    assert blob.size > 3 * SAMPLE
+    at = blob.data_offset + SAMPLE + 100
+    with open(weight_bin(copy), "r+b") as f:
+        f.seek(at)
+        byte = f.read(1)[0]
+        f.seek(at)
+        f.write(bytes([(byte + 1) % 256 if byte != 127 else 126]))
+    from milsurgery.adopt import plan_adoption
+
+    with Package(infer) as pa, Package(copy) as pc:
+        plan = plan_adoption([(pa, "main", "infer"), (pc, "main", "prefill")], DEFAULT, defer_identical=True)
+        assert [t.name for _, t, _ in plan.deferred if t.name == w.name] == [w.name]  # taken as identical at first
+    shutil.rmtree(out)
+    report = merge([f"{infer}:main=infer", f"{copy}:main=prefill"], out, adopt=True)
+    d = report.adoption
+    assert [a["op"] for a in d["adopted"]] == [w.name] and d["totals"]["identical"] == d["totals"]["weights"] - 1
+    dry = merge([f"{infer}:main=infer", f"{copy}:main=prefill"], "unused", adopt=True, dry_run=True)
+    assert [a.op for a in dry.adopted] == [w.name]
+    assert os.path.getsize(weight_bin(out)) == os.path.getsize(weight_bin(infer))
+    assert sorted(os.listdir(tmp_path)) == ["copy.mlpackage", "out.mlpackage", "plain.mlpackage"]
