@@ -73,6 +73,11 @@ class _Node:
         flat = self.rows(r0, r1).reshape(-1)
         return flat[e0 - r0 * n : e1 - r0 * n]
 
+    def pick(self, rows: np.ndarray, cols: np.ndarray) -> np.ndarray:
+        """The values of rows ``rows`` (along axis 0) at flat positions ``cols`` within a row:
+        shape (len(rows), len(cols)), as :meth:`rows` gives them (reads those rows only)."""
+        return np.stack([self.rows(int(r), int(r) + 1).reshape(-1)[cols] for r in rows])
+
 
 def _unpack(raw: np.ndarray, bits: int, skip: int, count: int, signed: bool) -> np.ndarray:
     """``count`` codes of ``bits`` bits from bytes ``raw``, starting ``skip`` bits in, LSB first."""
@@ -133,6 +138,14 @@ class _ValueNode(_Node):
         else:
             flat = self._read(r0 * n, r1 * n)
         return flat.reshape((r1 - r0,) + self.shape[1:])
+
+    def pick(self, rows: np.ndarray, cols: np.ndarray) -> np.ndarray:
+        if not self.shape:
+            return super().pick(rows, cols)
+        n = _rowlen(self.shape)
+        if self._array is not None:
+            return self._array.reshape(-1, n)[rows][:, cols]
+        return np.stack([self._read(int(r) * n, (int(r) + 1) * n)[cols] for r in rows])
 
 
 def _decode_immediate(value: pb.Value, shape, pkg: Package, where: str) -> np.ndarray:
@@ -234,6 +247,20 @@ class _Lut(_Node):
         return out
 
 
+    def pick(self, rows: np.ndarray, cols: np.ndarray) -> np.ndarray:
+        """Only the picked indices are looked up, in the LUT groups of each picked row."""
+        if self.vs != 1 or len(self.shape) < 1:
+            return super().pick(rows, cols)
+        idx = self.indices.pick(rows, cols).astype(np.intp)
+        groups = tuple(c // b for c, b in zip(np.unravel_index(cols, self.shape[1:]), self.blocks[1:]))
+        out = np.empty(idx.shape, dtype=np.float64)
+        for k, r in enumerate(rows):
+            g = int(r) // self.blocks[0]
+            lut = self.lut.rows(g, g + 1)[0].astype(np.float64)  # (groups along axes 1..., palette, 1)
+            out[k] = lut[groups + (idx[k], 0)]
+        return out
+
+
 class _Packed(_Node):
     """iOS 16 packed bits: a uint8 vector holding ``bits``-bit codes LSB first, seen as ``shape``."""
 
@@ -321,6 +348,21 @@ class _ShiftScale(_Node):
         if self.offset is not None:
             view = view - self.offset.rows(b0, b1)[pos].astype(np.float64).reshape(table_shape)
         return (view * self.scale.rows(b0, b1)[pos].astype(np.float64).reshape(table_shape)).reshape(d.shape)
+
+    def pick(self, rows: np.ndarray, cols: np.ndarray) -> np.ndarray:
+        """Only the picked codes, with the scale (and offset) of each one's block."""
+        if len(self.shape) < 1:
+            return super().pick(rows, cols)
+        d = self.data.pick(rows, cols).astype(np.float64)
+        if len(self.shape) == 1:
+            where = np.zeros_like(cols)
+        else:
+            coords = np.unravel_index(cols, self.shape[1:])
+            where = np.ravel_multi_index(tuple(c // b for c, b in zip(coords, self.blocks[1:])), self.scale.shape[1:])
+        blocks = rows // self.blocks[0]
+        if self.offset is not None:
+            d = d - self.offset.pick(blocks, where).astype(np.float64)
+        return d * self.scale.pick(blocks, where).astype(np.float64)
 
 
 class _Repeat(_Node):
@@ -581,8 +623,7 @@ def sample_values(w: Weight, count: int = 256) -> np.ndarray:
     picks = np.unique(np.linspace(0, rows - 1, num=min(rows, max(1, count // per_row))).astype(np.int64))
     cols = np.unique(np.linspace(0, n - 1, num=per_row).astype(np.int64))
     store = _FLOAT_TYPES.get(w.dtype, np.float64)
-    out = [node.rows(int(r), int(r) + 1).reshape(-1)[cols].astype(store).astype(np.float64) for r in picks]
-    return np.concatenate(out)
+    return node.pick(picks, cols).astype(store).astype(np.float64).reshape(-1)
 
 
 def lut_parts(w: Weight):

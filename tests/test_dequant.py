@@ -132,3 +132,27 @@ def test_blob_too_small_for_declared_shape(packages, tmp_path, capsys):
     assert code == 2 and len(err) == 1 and op_name in err[0] and err[0].startswith("milsurgery: error: ")
     assert not os.path.exists(out)
     assert [p for p in os.listdir(tmp_path) if p != "bad.mlpackage"] == []
+
+
+@pytest.mark.parametrize("kind", list(KINDS))
+def test_sketch_values_are_the_weights_values_at_their_positions(packages, kind):
+    """A weight's sketch (values picked at spread rows and columns, looked up without
+    materializing the rows) equals the materialized tensor at those positions."""
+    from milsurgery.dequant import _node_of, store_type
+
+    with Package(packages[kind]) as pkg:
+        for w in find_weights(pkg, "main"):
+            whole = dequantize(w)
+            node = _node_of(w)
+            if not node.shape:
+                continue
+            rows = np.unique(np.linspace(0, w.shape[0] - 1, num=min(w.shape[0], 5)).astype(np.int64))
+            flat = whole.reshape(w.shape[0], -1)
+            cols = np.unique(np.linspace(0, flat.shape[1] - 1, num=min(flat.shape[1], 7)).astype(np.int64))
+            picked = node.pick(rows, cols)
+            assert picked.shape == (rows.size, cols.size)
+            # rows are computed in float64; the weight is what Core ML stores them as
+            as_stored = picked.astype(store_type(w) or np.float64).astype(np.float64)
+            np.testing.assert_array_equal(as_stored, flat[rows][:, cols], err_msg=f"{kind} {w.name}")
+            sketch = sample_values(w, 64)
+            assert 0 < sketch.size <= 64 * 2 and np.isin(sketch, whole).all()
