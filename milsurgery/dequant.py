@@ -79,20 +79,45 @@ class _Node:
         return np.stack([self.rows(int(r), int(r) + 1).reshape(-1)[cols] for r in rows])
 
 
+#: Bit widths that do not divide a byte: (bytes, codes) of the smallest run of whole bytes
+#: holding whole codes.
+_UNITS = {3: (3, 8), 5: (5, 8), 6: (3, 4), 7: (7, 8)}
+
+
 def _unpack(raw: np.ndarray, bits: int, skip: int, count: int, signed: bool) -> np.ndarray:
     """``count`` codes of ``bits`` bits from bytes ``raw``, starting ``skip`` bits in, LSB first."""
+    mask = (1 << bits) - 1
     if bits == 8 and skip == 0:
         codes = raw[:count]
     elif bits in (1, 2, 4) and skip == 0:
         per = 8 // bits
-        mask = (1 << bits) - 1
         codes = np.empty((raw.size, per), dtype=np.uint8)
         for i in range(per):
             np.bitwise_and(raw >> (i * bits) if i else raw, mask, out=codes[:, i])
         codes = codes.reshape(-1)[:count]
+    elif bits in _UNITS and skip == 0:
+        # Runs of whole bytes read as one little-endian integer, then each code shifted out.
+        nbytes, per = _UNITS[bits]
+        units = -(-count // per)
+        run = np.zeros(units * nbytes, dtype=np.uint8)
+        run[: min(raw.size, run.size)] = raw[: run.size]
+        run = run.reshape(units, nbytes)
+        word = np.uint32 if nbytes <= 4 else np.uint64
+        v = run[:, 0].astype(word)
+        for j in range(1, nbytes):
+            v |= run[:, j].astype(word) << word(8 * j)
+        codes = np.empty((units, per), dtype=np.uint8)
+        for i in range(per):
+            codes[:, i] = (v >> word(i * bits)) & word(mask)
+        codes = codes.reshape(-1)[:count]
     else:
-        as_bits = np.unpackbits(raw, bitorder="little")[skip : skip + count * bits]
-        codes = np.packbits(as_bits.reshape(count, bits), axis=1, bitorder="little").reshape(-1)
+        # Any width and offset: each code from the two bytes holding it.
+        p = skip + np.arange(count, dtype=np.int64) * bits
+        padded = np.zeros(raw.size + 2, dtype=np.uint8)
+        padded[: raw.size] = raw
+        at = p >> 3
+        pair = padded[at].astype(np.uint16) | (padded[at + 1].astype(np.uint16) << np.uint16(8))
+        codes = ((pair >> (p & 7).astype(np.uint16)) & np.uint16(mask)).astype(np.uint8)
     if signed:  # two's complement: flip the sign bit, then subtract it
         half = 1 << (bits - 1)
         codes = (codes ^ np.uint8(half)).view(np.int8) - np.int8(half)
@@ -700,6 +725,11 @@ def raw_bytes(part, e0: int, e1: int) -> np.ndarray | None:
         return None
     b0, b1 = e0 * bits // 8, e1 * bits // 8
     return np.frombuffer(os.pread(r.file.fileno(), b1 - b0, r.blob.data_offset + b0), dtype=np.uint8)
+
+
+def code_unit(bits: int) -> tuple[int, int]:
+    """(bytes, codes) of the smallest run of whole bytes that holds whole ``bits``-bit codes."""
+    return (1, 8 // bits) if bits in (1, 2, 4, 8) else _UNITS[bits]
 
 
 def unpack_codes(raw: np.ndarray, name: str) -> np.ndarray:

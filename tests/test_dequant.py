@@ -156,3 +156,23 @@ def test_sketch_values_are_the_weights_values_at_their_positions(packages, kind)
             np.testing.assert_array_equal(as_stored, flat[rows][:, cols], err_msg=f"{kind} {w.name}")
             sketch = sample_values(w, 64)
             assert 0 < sketch.size <= 64 * 2 and np.isin(sketch, whole).all()
+
+
+def test_unpack_every_width_and_offset():
+    """Codes of every width from 1 to 8 bits, at every bit offset into the first byte, equal an
+    independent reading of the bits (numpy's unpackbits, least significant bit first)."""
+    from milsurgery.dequant import _unpack
+
+    rng = np.random.default_rng(5)
+    raw = rng.integers(0, 256, 61, dtype=np.uint8)
+    bits_le = np.unpackbits(raw, bitorder="little")
+    for bits in range(1, 9):
+        for skip in range(8):
+            for count in (0, 1, 7, (raw.size * 8 - skip) // bits):
+                want = np.array([int("".join(map(str, bits_le[skip + k * bits: skip + (k + 1) * bits][::-1])), 2)
+                                 for k in range(count)], dtype=np.int64)
+                got = _unpack(raw, bits, skip, count, False)
+                assert got.dtype == np.uint8 and np.array_equal(got.astype(np.int64), want), (bits, skip, count)
+                if bits == 4:
+                    signed = _unpack(raw, bits, skip, count, True).astype(np.int64)
+                    assert np.array_equal(signed, np.where(want >= 8, want - 16, want)), (skip, count)
