@@ -18,6 +18,7 @@ from .dequant import (
     WINDOW_ELEMENTS,
     Weight,
     blocked_parts,
+    code_unit,
     const_part,
     element_type,
     group_offsets,
@@ -84,31 +85,60 @@ def _lut_windows(shape: tuple[int, ...], blocks: list[int]):
         yield r0, r1, r0 // blocks[0], (r1 - 1) // blocks[0] + 1
 
 
-def _split_byte_counts(by_byte: np.ndarray, bits: int, palette: int) -> np.ndarray:
-    """counts[group, code] from counts[group, byte value] of bytes holding ``8 // bits`` codes:
-    a byte value's codes are its digits in base ``2**bits``, so each code position is a sum over
-    the other digits' axes (codes of ``palette`` or more, which no valid index holds, dropped)."""
-    per_byte = 8 // bits
-    digits = by_byte.reshape((by_byte.shape[0],) + (1 << bits,) * per_byte)
-    counts = np.zeros((by_byte.shape[0], 1 << bits), dtype=np.int64)
-    for k in range(per_byte):
-        counts += digits.sum(axis=tuple(a for a in range(1, per_byte + 1) if a != k + 1))
+def _split_counts(by_key: np.ndarray, bits: int, digits: int, palette: int) -> np.ndarray:
+    """counts[group, code] from counts[group, key] of keys holding ``digits`` codes (a stored
+    byte's codes, or two decoded codes paired): a key's codes are its digits in base
+    ``2**bits``, so each code position is a sum over the other digits' axes (codes of
+    ``palette`` or more, which no valid index holds, dropped)."""
+    split = by_key.reshape((by_key.shape[0],) + (1 << bits,) * digits)
+    counts = np.zeros((by_key.shape[0], 1 << bits), dtype=np.int64)
+    for k in range(digits):
+        counts += split.sum(axis=tuple(a for a in range(1, digits + 1) if a != k + 1)) if digits > 1 else split
     return counts[:, :palette]
 
 
 def _window_counts(raw, idx, r0: int, g0: int, g1: int, groups: tuple[int, ...], blocks: list[int], palette: int,
-                   bits: int) -> np.ndarray:
+                   name: str) -> np.ndarray:
     """counts[group, index] of the groups [g0, g1) along axis 0 that a window of rows starting
     at ``r0`` covers (groups flat in C order).
 
-    Indices of 1, 2, 4 or 8 bits in groups along axis 0 only are counted from their stored
-    bytes ``raw`` (one count per byte value and group, then split into the codes each byte
-    holds); any other layout from the decoded indices ``idx()``."""
-    if raw is not None and bits in (1, 2, 4, 8) and math.prod(groups[1:]) == 1 and raw.size % (g1 - g0) == 0:
-        key = raw.reshape(g1 - g0, -1).astype(np.intp)
-        key += (np.arange(g1 - g0, dtype=np.intp) * 256)[:, None]
-        by_byte = np.bincount(key.reshape(-1), minlength=(g1 - g0) * 256)
-        return _split_byte_counts(by_byte.reshape(g1 - g0, 256), bits, palette)
+    Indices in groups along axis 0 only are counted from their stored bytes ``raw``: widths
+    that divide a byte one count per byte value and group, 3 and 6 bits one per 12 bits of
+    each 3-byte run, other widths per pair of decoded codes or per code; the counts are then
+    split into codes. Any other layout is counted from the decoded indices ``idx()``."""
+    bits = BLOB_DTYPE_BY_NAME[name].bits if name in BLOB_DTYPE_BY_NAME else 0
+    ng = g1 - g0
+    if raw is not None and bits and math.prod(groups[1:]) == 1:
+        if bits in (3, 6) and raw.size % (3 * ng) == 0:
+            # Three bytes hold 24 bits: two keys of 12 bits (two 6-bit or four 3-bit codes),
+            # read as little-endian 32-bit words three bytes apart; counted group by group (a
+            # group's 4,096 counters stay in the CPU's caches).
+            padded = np.zeros(raw.size + 1, dtype=np.uint8)
+            padded[: raw.size] = raw
+            words = np.ndarray((raw.size // 3,), dtype="<u4", buffer=padded, strides=(3,))
+            v = words & np.uint32(0xFFFFFF)
+            key = np.empty((v.size, 2), dtype=np.uint16)
+            np.bitwise_and(v, 0xFFF, out=key[:, 0], casting="unsafe")
+            np.right_shift(v, 12, out=key[:, 1], casting="unsafe")
+            key = key.reshape(ng, -1)
+            by_key = np.empty((ng, 4096), dtype=np.int64)
+            for g in range(ng):
+                by_key[g] = np.bincount(key[g], minlength=4096)
+            return _split_counts(by_key, bits, 12 // bits, palette)
+        if bits in (1, 2, 4, 8):
+            keys, digits = raw, 8 // bits
+        else:
+            codes = unpack_codes(raw, name)
+            if 2 * bits <= 12 and codes.size % (2 * ng) == 0:
+                keys, digits = codes[0::2].astype(np.uint16) | (codes[1::2].astype(np.uint16) << np.uint16(bits)), 2
+            else:
+                keys, digits = codes, 1
+        if keys.size % ng == 0:
+            width = 1 << (bits * digits)
+            key = keys.reshape(ng, -1).astype(np.intp)
+            key += (np.arange(ng, dtype=np.intp) * width)[:, None]
+            by_key = np.bincount(key.reshape(-1), minlength=ng * width)
+            return _split_counts(by_key.reshape(ng, width), bits, digits, palette)
     ind = idx()
     key = group_offsets(r0, ind.shape, blocks, g0, groups) * palette + ind
     return np.bincount(key.reshape(-1), minlength=math.prod(groups) * palette).reshape(-1, palette)
@@ -147,7 +177,7 @@ def _compare_luts(anchor: Weight, target: Weight, norms: dict) -> Metrics | None
         counts = cached
     ind_a, ind_t = lut_indices(anchor), lut_indices(target)
     bits = BLOB_DTYPE_BY_NAME[name].bits if name in BLOB_DTYPE_BY_NAME else 0
-    per_byte = 8 // bits if bits in (1, 2, 4, 8) else 0
+    unit_bytes, per_unit = code_unit(bits) if bits else (0, 0)
     n_row = math.prod(shape[1:])
     off_a = np.zeros(counts.shape, dtype=np.int64)  # elements with differing indices, by anchor index
     off_t = np.zeros(counts.shape, dtype=np.int64)  # ... by target index
@@ -161,17 +191,24 @@ def _compare_luts(anchor: Weight, target: Weight, norms: dict) -> Metrics | None
         las.append(la)
         lts.append(lt)
         e0, e1 = r0 * n_row, r1 * n_row
-        ra = raw_bytes(ind_a, e0, e1) if per_byte else None
+        whole_units = per_unit and e0 % per_unit == 0 and e1 % per_unit == 0
+        ra = raw_bytes(ind_a, e0, e1) if whole_units else None
         rt = raw_bytes(ind_t, e0, e1) if ra is not None else None
         ia = _Lazy(lambda r0=r0, r1=r1: rows_a(r0, r1))
         if cached is None:
-            counts[g0 * per_g0 : g1 * per_g0] = _window_counts(ra, ia, r0, g0, g1, groups, blocks, palette, bits)
+            counts[g0 * per_g0 : g1 * per_g0] = _window_counts(ra, ia, r0, g0, g1, groups, blocks, palette, name)
         if ra is not None and rt is not None:
-            # Differing stored bytes, then the codes they hold (equal codes among them dropped).
+            # Differing stored bytes, the runs of whole codes holding them, then their codes
+            # (equal codes among them dropped).
             where_b = np.flatnonzero(ra != rt)
-            ca = unpack_codes(ra[where_b], name)
-            ct = unpack_codes(rt[where_b], name)
-            flat = (where_b[:, None] * per_byte + np.arange(per_byte)).reshape(-1)
+            if unit_bytes > 1:
+                where_b = np.unique(where_b // unit_bytes)
+                ca = unpack_codes(ra.reshape(-1, unit_bytes)[where_b].reshape(-1), name)
+                ct = unpack_codes(rt.reshape(-1, unit_bytes)[where_b].reshape(-1), name)
+            else:
+                ca = unpack_codes(ra[where_b], name)
+                ct = unpack_codes(rt[where_b], name)
+            flat = (where_b[:, None] * per_unit + np.arange(per_unit)).reshape(-1)
             keep = ca != ct
             where, i, j = flat[keep], ca[keep].astype(np.int64), ct[keep].astype(np.int64)
             win_shape = (r1 - r0,) + shape[1:]

@@ -386,12 +386,13 @@ def test_int4_table_sum_of_squares_equals_materialized():
     assert _int4_sumsq(raw[:-2], scale[:-1], 1024) is None  # blocks too long for the 16-bit fields
 
 
-@pytest.mark.parametrize("name", ["uint1", "uint2", "uint4", "uint8"])
+@pytest.mark.parametrize("name", ["uint1", "uint2", "uint3", "uint4", "uint6", "uint8"])
 def test_lut_index_counts_from_stored_bytes(name):
-    """Per-group index counts taken from stored bytes (a count per byte value, split into the
-    codes each byte holds) equal counting the decoded indices, for every width a byte holds whole."""
-    from milsurgery.measure import _window_counts
+    """Per-group index counts taken from stored bytes (a count per byte value, or per pair of
+    codes for widths that do not divide a byte, split into codes) equal counting the decoded
+    indices, for every index width."""
     from milsurgery.dequant import unpack_codes
+    from milsurgery.measure import _window_counts
 
     bits = int(name[4:])
     rng = np.random.default_rng(bits)
@@ -399,10 +400,10 @@ def test_lut_index_counts_from_stored_bytes(name):
     raw = rng.integers(0, 256, math.prod(shape) * bits // 8, dtype=np.uint8)
     idx = unpack_codes(raw, name).reshape(shape)
     want = np.stack([np.bincount(idx[g * 8:(g + 1) * 8].reshape(-1), minlength=1 << bits) for g in range(3)])
-    got = _window_counts(raw, lambda: idx, 0, 0, 3, (3, 1), blocks, 1 << bits, bits)
+    got = _window_counts(raw, lambda: idx, 0, 0, 3, (3, 1), blocks, 1 << bits, name)
     assert got.shape == want.shape and np.array_equal(got, want)
     # the decoded path (no stored bytes at hand) agrees
-    assert np.array_equal(_window_counts(None, lambda: idx, 0, 0, 3, (3, 1), blocks, 1 << bits, bits), want)
+    assert np.array_equal(_window_counts(None, lambda: idx, 0, 0, 3, (3, 1), blocks, 1 << bits, name), want)
 
 
 def test_identical_weights_are_confirmed_by_the_writer(sparse_pairs, tmp_path):
