@@ -11,6 +11,7 @@ each package compressed separately with coremltools:
   ``lut4``, built in seconds rather than coremltools' k-means minutes, so LUT adoption can be
   timed at sizes k-means cannot reach here (a group's LUT only changes when a nudged element is
   its minimum or maximum, so most LUTs are equal and only some indices differ);
+* ``lut6u``: uniform LUT6, ``per_grouped_channel``, group size 16: likewise for ``lut6``;
 * ``int8``: linear int8, ``per_block`` 32;
 * ``int4``: linear int4, ``per_block`` 32;
 * ``identical``: the infer package (``int8``) against a copy of itself: every weight is
@@ -50,7 +51,7 @@ sys.path.insert(0, HERE)
 
 from merge_bench import REFERENCE, compile_package, settle, timed, warm, weight_bin  # noqa: E402
 
-KINDS = ("lut4", "lut6", "lut4u", "int8", "int4", "identical", "fp16")
+KINDS = ("lut4", "lut6", "lut4u", "lut6u", "int8", "int4", "identical", "fp16")
 HIDDEN = 2048  # groups of 8 rows hold 16,384 values: kmeans1d, as coremltools picks it for real models
 NUDGE = 0.001
 
@@ -104,9 +105,9 @@ import coremltools.optimize.coreml as cto
 
 src, dest, kind = sys.argv[1:4]
 model = ct.models.MLModel(src, skip_model_load=True)
-if kind in ("lut4", "lut6", "lut4u"):
-    nbits, group = (6, 16) if kind == "lut6" else (4, 8)
-    mode = "uniform" if kind == "lut4u" else "kmeans"
+if kind in ("lut4", "lut6", "lut4u", "lut6u"):
+    nbits, group = (6, 16) if kind.startswith("lut6") else (4, 8)
+    mode = "uniform" if kind.endswith("u") else "kmeans"
     op = cto.OpPalettizerConfig(mode=mode, nbits=nbits, granularity="per_grouped_channel", group_size=group)
     out = cto.palettize_weights(model, cto.OptimizationConfig(global_config=op))
 else:
