@@ -237,16 +237,17 @@ class AdoptPlan:
             return
         index = {(new.function, new.op_name, new.location): i for i, (new, _) in enumerate(pairs)}
         anchor = self.report.anchor
-        for out_name, w, matched in self.deferred:
-            def shared(c: Weight) -> bool:
-                for ra, rt in _blob_pairs(c, w):
-                    i = index.get((out_name, rt.ref.op_name, rt.ref.location))
-                    j = index.get((anchor, ra.ref.op_name, ra.ref.location))
-                    if i is None or j is None or canonical[i] != canonical[j]:
-                        return False
-                return True
 
-            if not any(shared(c) for c in matched):
+        def shared(out_name: str, w: Weight, c: Weight) -> bool:
+            for ra, rt in _blob_pairs(c, w):
+                i = index.get((out_name, rt.ref.op_name, rt.ref.location))
+                j = index.get((anchor, ra.ref.op_name, ra.ref.location))
+                if i is None or j is None or canonical[i] != canonical[j]:
+                    return False
+            return True
+
+        for out_name, w, matched in self.deferred:
+            if not any(shared(out_name, w, c) for c in matched):
                 raise DeferredMismatch(f"{w.describe()}: blob samples equal an anchor weight's, bytes differ")
 
     def apply(self, model: pb.Model, pairs: list[tuple[BlobRef, ResolvedRef]]) -> list[tuple[BlobRef, ResolvedRef]]:
