@@ -316,17 +316,36 @@ class _Screen:
     def __init__(self, pool: dict[bytes, list[Weight]]):
         self.pool = pool
         self.sample = _Samples()
+        # Per structure key, the anchor weights by their blobs (file, record) and by their blobs'
+        # samples, slot by slot: a target finds its matches by lookup, not by comparing with
+        # every same-shaped anchor weight.
+        self._index: dict[bytes, tuple[dict, dict]] = {}
+
+    def _blobs(self, w: Weight) -> tuple:
+        slots = _ref_slots(w)
+        return tuple((id(slots[k].file), slots[k].blob.record_offset) for k in sorted(slots))
+
+    def _samples(self, w: Weight) -> tuple:
+        slots = _ref_slots(w)
+        return tuple(self.sample(slots[k]) for k in sorted(slots))
 
     def __call__(self, w: Weight):
-        candidates = self.pool.get(structure_key(w), [])
+        key = structure_key(w)
+        candidates = self.pool.get(key, [])
         if not candidates:
             return ("unpaired", None)
-        if any(all(ra.file is rt.file and ra.blob.record_offset == rt.blob.record_offset
-                   for ra, rt in _blob_pairs(c, w)) for c in candidates):
+        index = self._index.get(key)
+        if index is None:
+            by_blobs, by_samples = {}, {}
+            for c in candidates:
+                by_blobs.setdefault(self._blobs(c), c)
+                by_samples.setdefault(self._samples(c), []).append(c)
+            index = self._index[key] = (by_blobs, by_samples)
+        if self._blobs(w) in index[0]:
             return ("identical", None)  # already the very same blobs
         # Byte-identical weights are found before any value is computed: samples of every blob
         # agree, then the bytes decide (:func:`_confirm`, or the writer: see plan_adoption).
-        matched = [c for c in candidates if all(self.sample(ra) == self.sample(rt) for ra, rt in _blob_pairs(c, w))]
+        matched = index[1].get(self._samples(w))
         if matched:
             return ("sampled", (matched, candidates))
         return ("measure", candidates)
