@@ -363,7 +363,8 @@ def _confirm(w: Weight, found) -> tuple:
 
 class _Judge:
     """Decides one target weight that is not byte-identical to a candidate: ("rejected" |
-    "adopted" | "identical", anchor weight, metrics, failed threshold or bytes saved)."""
+    "adopted" | "identical", anchor weight, metrics, failed threshold or the target's blobs that
+    differ from the anchor's: {(id of file, record offset): size})."""
 
     def __init__(self, thresholds: Thresholds):
         from .measure import Sketches, compare_weights, distance
@@ -393,9 +394,9 @@ class _Judge:
             m = self.compare(c, w, self.norms)
             failed = self.thresholds.failure(m)
             if failed is None:
-                saved = sum(size for size, eq in same.values() if not eq)
+                differing = {key: size for key, (size, eq) in same.items() if not eq}
                 if best is None or (m.cosine, -m.mean_abs) > (best[1].cosine, -best[1].mean_abs):
-                    best = (c, m, saved)
+                    best = (c, m, differing)
             elif first_fail is None:
                 first_fail = (c, m, failed)
         if best is None:
@@ -447,6 +448,7 @@ def plan_adoption(
     else:
         first = [_confirm(w, found) if kind == "sampled" else (kind, found) for (_, w), (kind, found) in zip(targets, first)]
     judge = None
+    freed: list[dict[tuple[int, int], int]] = []  # per adopted weight, its blobs that differ
     if any(kind != "identical" for kind, _ in first):
         from .dequant import check_weight
 
@@ -473,9 +475,19 @@ def plan_adoption(
         if kind == "rejected":
             report.rejected.append(Rejection(out_name, w.name, w.kind, anchor, c.name, detail, m))
             continue
-        report.adopted.append(Adoption(out_name, w.name, w.kind, anchor, c.name, m, detail))
+        report.adopted.append(Adoption(out_name, w.name, w.kind, anchor, c.name, m, 0))
+        freed.append(detail)
         for ra, rt in _blob_pairs(c, w):
             mapping[(out_name, rt.ref.op_name, rt.ref.location)] = ra
+    # Bytes saved: an adopted weight's blobs that differed from the anchor's and that no
+    # reference left in any output function still uses, each blob counted once.
+    if report.adopted:
+        still = {(id(r.file), r.blob.record_offset) for pkg, src, out_name in functions for r in pkg.function_refs(src)
+                 if (out_name, r.ref.op_name, r.ref.location) not in mapping}
+        counted: set[tuple[int, int]] = set()
+        for a, blobs in zip(report.adopted, freed):
+            a.bytes_saved = sum(size for key, size in blobs.items() if key not in still and key not in counted)
+            counted.update(blobs)
     report.seconds = time.perf_counter() - start
     return AdoptPlan(report, mapping, deferred)
 

@@ -456,3 +456,20 @@ def test_identical_weights_are_confirmed_by_the_writer(sparse_pairs, tmp_path):
     assert [a.op for a in dry.adopted] == [w.name]
     assert os.path.getsize(weight_bin(out)) == os.path.getsize(weight_bin(infer))
     assert sorted(os.listdir(tmp_path)) == ["copy.mlpackage", "out.mlpackage", "plain.mlpackage"]
+
+
+def test_bytes_saved_counts_each_freed_blob_once(models, tmp_path):
+    """Two output functions taken from one prefill package share its blobs: adopting both frees
+    each blob once. The report's bytes saved equal the data the output no longer holds (each
+    freed blob also took a 64-byte record and alignment: at most 128 bytes more)."""
+    infer, prefill = models["int4_block"]
+    srcs = [f"{infer}:main=infer", f"{prefill}:main=p1", f"{prefill}:main=p2"]
+    plain, adopted = str(tmp_path / "plain.mlpackage"), str(tmp_path / "adopted.mlpackage")
+    merge(srcs, plain)
+    report = merge(srcs, adopted, adopt=True).adoption
+    per_function = {f: sum(a["bytes_saved"] for a in report["adopted"] if a["function"] == f) for f in ("p1", "p2")}
+    assert per_function["p1"] > 0 and per_function["p2"] == 0
+    assert {a["op"] for a in report["adopted"] if a["function"] == "p2"} == {a["op"] for a in report["adopted"] if a["function"] == "p1"}
+    saved = report["totals"]["bytes_saved"]
+    shrunk = os.path.getsize(weight_bin(plain)) - os.path.getsize(weight_bin(adopted))
+    assert saved <= shrunk <= saved + 128 * len(report["adopted"])
