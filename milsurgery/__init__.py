@@ -46,7 +46,7 @@ _LAZY = {
     "AdoptReport": "adopt",
     "Thresholds": "thresholds",
     "Weight": "dequant",
-    "compare_weights": "adopt",
+    "compare_weights": "measure",
     "dequantize": "dequant",
     "find_weights": "dequant",
     "iter_values": "dequant",
