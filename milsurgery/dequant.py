@@ -277,7 +277,8 @@ class _Lut(_Node):
         if self.vs != 1 or len(self.shape) < 1:
             return super().pick(rows, cols)
         idx = self.indices.pick(rows, cols).astype(np.intp)
-        groups = tuple(c // b for c, b in zip(np.unravel_index(cols, self.shape[1:]), self.blocks[1:]))
+        coords = np.unravel_index(cols, self.shape[1:]) if len(self.shape) > 1 else ()
+        groups = tuple(c // b for c, b in zip(coords, self.blocks[1:]))
         out = np.empty(idx.shape, dtype=np.float64)
         for k, r in enumerate(rows):
             g = int(r) // self.blocks[0]

@@ -176,3 +176,30 @@ def test_unpack_every_width_and_offset():
                 if bits == 4:
                     signed = _unpack(raw, bits, skip, count, True).astype(np.int64)
                     assert np.array_equal(signed, np.where(want >= 8, want - 16, want)), (skip, count)
+
+
+def test_picks_of_one_dimensional_and_vector_luts():
+    """Picking values agrees with materializing rows for LUTs of rank 1 and of vectors, and for a
+    rank-1 blockwise weight (made from arrays, as the ops would see their inputs)."""
+    from milsurgery.dequant import _Lut, _Node, _ShiftScale
+
+    class Array(_Node):
+        def __init__(self, a):
+            self.a, self.shape = a, a.shape
+
+        def rows(self, r0, r1):
+            return self.a[r0:r1]
+
+    def fail(message):
+        return AssertionError(message)
+
+    rng = np.random.default_rng(3)
+    one_d = _Lut(Array(rng.integers(0, 4, 12)), Array(rng.standard_normal((3, 4, 1))), None, fail)
+    vec = _Lut(Array(rng.integers(0, 4, (4, 6))), Array(rng.standard_normal((2, 1, 4, 2))), 0, fail)
+    scaled = _ShiftScale(Array(rng.integers(-8, 8, 12)), Array(rng.standard_normal(3)), Array(rng.integers(-2, 2, 3)), fail)
+    for node in (one_d, vec, scaled):
+        rows = np.arange(node.shape[0])
+        n = int(np.prod(node.shape[1:]))
+        cols = np.arange(n)
+        want = np.stack([node.rows(int(r), int(r) + 1).reshape(-1) for r in rows])
+        np.testing.assert_array_equal(node.pick(rows, cols), want)
