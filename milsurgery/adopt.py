@@ -38,7 +38,6 @@ it is materialized in windows).
 
 from __future__ import annotations
 
-import hashlib
 import json
 import re
 import time
@@ -83,27 +82,28 @@ def _ref_slots(w: Weight) -> dict[tuple[int, str], ResolvedRef]:
     return {(index[by_name[r.ref.op_name]], r.ref.location): r for r in w.refs}
 
 
-def structure_key(w: Weight) -> bytes:
+def structure_key(w: Weight) -> tuple:
     """What must be equal for two weights to pair: op types, non-blob inputs and attributes,
-    output types, and each blob's dtype and shape (blob locations and all names left out)."""
-    h = hashlib.sha256()
+    output types, and each blob's dtype and shape (blob locations and all names left out), as
+    a tuple of its parts (compared whole: no digest, so no two structures can collide)."""
+    parts: list = []
     position = {op.outputs[0].name: i for i, op in enumerate(w.ops) if op.outputs}
     for op in w.ops:
-        h.update(b"op:" + op.type.encode() + b"\0")
+        parts.append(("op", op.type))
         for e in sorted(op.inputs, key=lambda e: e.key):
-            h.update(b"in:" + e.key.encode() + b"\0")
+            parts.append(("in", e.key))
             for b in e.value.arguments:
                 if b.WhichOneof("binding") == "name":
-                    h.update(f"ref:{position.get(b.name, b.name)}\0".encode())
+                    parts.append(("ref", position.get(b.name, b.name)))
                 else:
-                    h.update(blanked_value(b.value))
+                    parts.append(("value", blanked_value(b.value)))
         for e in sorted(op.attributes, key=lambda e: e.key):
             if e.key != "name":
-                h.update(b"attr:" + e.key.encode() + b"\0" + blanked_value(e.value))
+                parts.append(("attr", e.key, blanked_value(e.value)))
         for out in op.outputs:
-            h.update(b"out:" + out.type.SerializeToString(deterministic=True))
-    h.update(repr(sorted(_ref_slots(w))).encode())
-    return h.digest()
+            parts.append(("out", out.type.SerializeToString(deterministic=True)))
+    parts.append(("slots", tuple(sorted(_ref_slots(w)))))
+    return tuple(parts)
 
 
 def _base_name(name: str) -> str:
@@ -313,13 +313,13 @@ class _Screen:
     its own, all candidates)) when bytes are to decide, else ("measure", the anchor weights of
     its structure)."""
 
-    def __init__(self, pool: dict[bytes, list[Weight]]):
+    def __init__(self, pool: dict[tuple, list[Weight]]):
         self.pool = pool
         self.sample = _Samples()
         # Per structure key, the anchor weights by their blobs (file, record) and by their blobs'
         # samples, slot by slot: a target finds its matches by lookup, not by comparing with
         # every same-shaped anchor weight.
-        self._index: dict[bytes, tuple[dict, dict]] = {}
+        self._index: dict[tuple, tuple[dict, dict]] = {}
 
     def _blobs(self, w: Weight) -> tuple:
         slots = _ref_slots(w)
@@ -434,7 +434,7 @@ def plan_adoption(
     pkg_a, src_a, _ = functions[names.index(anchor)]
     report = AdoptReport(anchor, thresholds, dry_run=dry_run)
     mapping: dict[tuple[str, str, str], ResolvedRef] = {}
-    pool: dict[bytes, list[Weight]] = {}
+    pool: dict[tuple, list[Weight]] = {}
     anchors = find_weights(pkg_a, src_a)
     for w in anchors:
         pool.setdefault(structure_key(w), []).append(w)
