@@ -40,6 +40,8 @@ from __future__ import annotations
 
 import json
 import re
+import sys
+import threading
 import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
@@ -500,17 +502,50 @@ def plan_for_picks(picks, thresholds: Thresholds, anchor: str | None, dry_run: b
 
 
 def write_adopting(picks, thresholds: Thresholds, anchor: str | None, write) -> tuple[AdoptPlan, object]:
-    """Plan adoption for ``picks`` and write with it: ``write(adjust, confirm)`` writes the
-    package (:func:`milsurgery.assemble.write_package`'s keywords of those names). Byte-identical
-    weights are left to the writer to confirm; should one not be (equal samples, different
-    bytes), the writer's output is discarded and the plan made and written again with every
-    byte compared first. Returns the plan and what ``write`` returned."""
-    plan = plan_for_picks(picks, thresholds, anchor, defer_identical=True)
+    """Plan adoption for ``picks`` and write with it: ``write(adjust, confirm, unchanged)`` writes
+    the package (:func:`milsurgery.assemble.write_package`'s keywords of those names). Returns
+    the plan and what ``write`` returned.
+
+    The plan is made on another thread while the writer copies the anchor's blobs, which
+    adoption never changes (``unchanged``: the writer calls ``adjust``, which waits for the plan,
+    only once it reaches other functions' blobs; when the anchor is not the first function
+    nothing is copied before). Byte-identical weights are left to the writer to confirm; should
+    one not be (equal samples, different bytes), the writer's output is discarded and the plan
+    made and written again with every byte compared first."""
+    names = [p.new_name for p in picks]
+    if anchor is not None and anchor not in names:
+        raise UsageError(f"anchor function {anchor!r} is not among the output functions {names}")
+    made: dict[str, object] = {}
+
+    def plan_now() -> None:
+        try:
+            made["plan"] = plan_for_picks(picks, thresholds, anchor, defer_identical=True)
+        except BaseException as exc:  # handed to the writer's thread by adjust
+            made["error"] = exc
+
+    thread = threading.Thread(target=plan_now, name="milsurgery-adopt", daemon=True)
+
+    def adjust(model, pairs):
+        thread.join()
+        if "error" in made:
+            raise made["error"]
+        return made["plan"].apply(model, pairs)
+
+    def confirm(pairs, canonical):
+        made["plan"].confirm(pairs, canonical)
+
+    thread.start()
     try:
-        return plan, write(plan.apply, plan.confirm)
+        report = write(adjust, confirm, anchor or names[0])
+        return made["plan"], report
     except DeferredMismatch:
         plan = plan_for_picks(picks, thresholds, anchor)
-        return plan, write(plan.apply, None)
+        return plan, write(plan.apply, None, None)
+    finally:
+        # The plan reads the sources, which the caller closes next: it must be done by then
+        # (an interrupt is let through at once: the process is on its way out).
+        if not isinstance(sys.exc_info()[1], KeyboardInterrupt):
+            thread.join()
 
 
 def weight_differences(pkg, function: str, src, src_function: str, differing, tolerance: Thresholds | None, check):

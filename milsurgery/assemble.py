@@ -265,6 +265,11 @@ def build_model(
     return out, pairs
 
 
+def _distinct_bytes(sources: list[BlobSource]) -> int:
+    """Bytes of the distinct blobs among ``sources`` (what copying them all reads at most)."""
+    return sum(s.blob.size for s in {s.key: s for s in sources}.values())
+
+
 def _check_staged(tmp: str, dest: str, check: Callable[[str], None] | None) -> None:
     """Core ML's rules on every package written (an invalid one is an internal error, never
     published), then the caller's own check."""
@@ -286,6 +291,7 @@ def write_package(
     check: Callable[[str], None] | None = None,
     adjust: Callable[[pb.Model, list[tuple[BlobRef, ResolvedRef]]], list[tuple[BlobRef, ResolvedRef]]] | None = None,
     confirm: Callable[[list[tuple[BlobRef, ResolvedRef]], list[int]], None] | None = None,
+    unchanged: str | None = None,
 ) -> WriteReport:
     """Write a new package holding ``picks`` to ``dest`` atomically; see the module docstring.
 
@@ -299,11 +305,18 @@ def write_package(
     scratch file (see :mod:`milsurgery.compress`). ``confirm(pairs, canonical)``, called once every
     blob is copied with, for each pair, the index of the first pair holding identical bytes, may
     raise to discard the output (adoption uses it to have the coalescing confirm weights it took
-    as byte-identical)."""
+    as byte-identical). ``unchanged`` names an output function whose references ``adjust`` never
+    changes: the leading pairs of program attributes and of that function are then copied
+    before ``adjust`` is called, so that work ``adjust`` waits for (adoption's decisions, made on
+    another thread) runs while they are copied."""
     start = time.perf_counter()
     warnings: list[str] = []
     model, pairs = build_model(picks, default=default, single=single, spec_version=spec_version, warnings=warnings)
-    if adjust is not None:
+    early = 0  # leading pairs copied before adjust is called
+    if adjust is not None and unchanged is not None:
+        while early < len(pairs) and pairs[early][0].function in ("", unchanged):
+            early += 1
+    if adjust is not None and not early:
         pairs = adjust(model, pairs)
     report = WriteReport(
         output=os.path.abspath(os.fspath(dest)),
@@ -322,16 +335,16 @@ def write_package(
             raise UsageError(f"{report.output}: the output cannot be one of the sources")
     sources = [BlobSource(r.file, r.blob) for _, r in pairs]
     stats = Stats()
-    total = sum(s.blob.size for s in {s.key: s for s in sources}.values())
     canonical: list[int] = []
     with StagedPackage(dest, force=force, sync=sync, sources=[s.path for s in distinct_sources(picks)]) as staged:
         offsets: dict[int, int] = {}
         copied = done = 0
-        # Identical blobs are found while the first of each are being copied: the grouping's
-        # comparisons and the copies overlap.
-        with ConcurrentGrouping(sources, stats) as grouping, BlobWriter(staged.weight_path(WEIGHT_FILE_NAME), sync=sync) as writer:
-            seen: set[tuple[int, int]] = set()
-            for i, src in enumerate(sources):
+        seen: set[tuple[int, int]] = set()
+
+        def copy(grouping: ConcurrentGrouping, sources: list[BlobSource], lo: int, hi: int, total: int) -> None:
+            nonlocal copied, done
+            for i in range(lo, hi):
+                src = sources[i]
                 canonical.append(grouping.canonical_of(i))
                 if canonical[i] == i:
                     offsets[i] = writer.copy_from(src.file, src.blob)
@@ -341,6 +354,22 @@ def write_package(
                     done += src.blob.size
                     if progress:
                         progress("copying", done, total)
+
+        # Identical blobs are found while the first of each are being copied: the grouping's
+        # comparisons and the copies overlap.
+        with BlobWriter(staged.weight_path(WEIGHT_FILE_NAME), sync=sync) as writer:
+            if early:
+                # The pairs adjust leaves alone first, with a grouping of their own: the first
+                # of each content among them is the first in the whole list too, so the
+                # grouping of all pairs below agrees with it on them.
+                total = _distinct_bytes(sources)
+                with ConcurrentGrouping(sources[:early], stats) as grouping:
+                    copy(grouping, sources, 0, early, total)
+                pairs = adjust(model, pairs)
+                sources = [BlobSource(r.file, r.blob) for _, r in pairs]
+            total = _distinct_bytes(sources)
+            with ConcurrentGrouping(sources, stats) as grouping:
+                copy(grouping, sources, early, len(sources), total)
         if confirm is not None:
             confirm(pairs, canonical)
         for (ref, _), c in zip(pairs, canonical):

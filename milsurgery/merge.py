@@ -69,9 +69,9 @@ def merge(
                 verify_staged(staged, dest, picks, thresholds, progress, default=expected_default)
             )
 
-        def write(adjust=None, confirm=None):
+        def write(adjust=None, confirm=None, unchanged=None):
             return write_package(out, picks, default=default, force=force, sync=sync, progress=progress, check=check,
-                                 adjust=adjust, confirm=confirm)
+                                 adjust=adjust, confirm=confirm, unchanged=unchanged)
 
         if thresholds is not None:
             from .adopt import write_adopting

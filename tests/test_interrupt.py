@@ -66,14 +66,16 @@ def pair(tmp_path):
     return a, b
 
 
-@pytest.mark.parametrize("where", ["copy", "compare"])
+@pytest.mark.parametrize("where, extra", [("copy", []), ("compare", []), ("copy", ["--adopt"])])
 @pytest.mark.parametrize("sig, code, word", [(signal.SIGINT, 130, "interrupted"), (signal.SIGTERM, 143, "terminated")])
-def test_signal_mid_merge_leaves_nothing(pair, tmp_path, where, sig, code, word):
+def test_signal_mid_merge_leaves_nothing(pair, tmp_path, where, extra, sig, code, word):
+    """With --adopt, the writer copies the anchor's blobs while adoption's decisions are made on
+    another thread: a signal then ends both, leaving nothing."""
     a, b = pair
     before = [tree_digest(a), tree_digest(b)]
     out = tmp_path / "out.mlpackage"
     child = subprocess.Popen(
-        [sys.executable, "-c", CHILD, where, "merge", "-o", str(out), f"{a}:main=x", f"{b}:main=y"],
+        [sys.executable, "-c", CHILD, where, "merge", *extra, "-o", str(out), f"{a}:main=x", f"{b}:main=y"],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=dict(os.environ, PYTHONPATH=ROOT),
     )
     try:
