@@ -427,6 +427,13 @@ def plan_adoption(
     weight's, the bytes are not compared here but left to the writer's coalescing, which
     compares them while it copies (:meth:`AdoptPlan.confirm` checks it did share them; if not,
     the caller plans again without deferring)."""
+    return _plan_steps(functions, thresholds, anchor, dry_run, defer_identical)[1]()
+
+
+def _plan_steps(functions, thresholds: Thresholds, anchor: str | None, dry_run: bool, defer_identical: bool):
+    """:func:`plan_adoption` in two steps: the screen (spec and blob samples, no numpy) runs now;
+    returns whether there is more to do than leaving every weight to the writer's coalescing
+    (bytes to compare, values to measure) and a callable that does it and returns the plan."""
     start = time.perf_counter()
     names = [f[2] for f in functions]
     if anchor is None:
@@ -444,54 +451,59 @@ def plan_adoption(
     screen = _Screen(pool)
     first = [screen(w) for _, w in targets]
     deferred = []
-    if defer_identical and not dry_run and all(kind in ("identical", "sampled") for kind, _ in first):
+    all_identical = defer_identical and not dry_run and all(kind in ("identical", "sampled") for kind, _ in first)
+    if all_identical:
         deferred = [(out_name, w, found[0]) for (out_name, w), (kind, found) in zip(targets, first) if kind == "sampled"]
         first = [("identical", None) for _ in first]  # confirmed by the writer
-    else:
-        first = [_confirm(w, found) if kind == "sampled" else (kind, found) for (_, w), (kind, found) in zip(targets, first)]
-    judge = None
-    freed: list[dict[tuple[int, int], int]] = []  # per adopted weight, its blobs that differ
-    if any(kind != "identical" for kind, _ in first):
-        from .dequant import check_weight
 
-        for w in anchors + [w for _, w in targets]:
-            check_weight(w)  # every weight's ops are consistent before anything is decided
-        judge = _Judge(thresholds)
-    for (out_name, w), (kind, found) in zip(targets, first):
-        report.weights += 1
-        m = detail = None
-        c = found
-        if kind == "measure":
-            kind, c, m, detail = judge(w, found)
-        if kind == "unpaired":
-            report.unpaired += 1
-            continue
-        if kind == "identical":
-            report.identical += 1
-            if c is not None:
-                # Re-pointed at the anchor's blobs (the same bytes): the writer's coalescing
-                # sees one blob and does not compare them again.
-                for ra, rt in _blob_pairs(c, w):
-                    mapping[(out_name, rt.ref.op_name, rt.ref.location)] = ra
-            continue
-        if kind == "rejected":
-            report.rejected.append(Rejection(out_name, w.name, w.kind, anchor, c.name, detail, m))
-            continue
-        report.adopted.append(Adoption(out_name, w.name, w.kind, anchor, c.name, m, 0))
-        freed.append(detail)
-        for ra, rt in _blob_pairs(c, w):
-            mapping[(out_name, rt.ref.op_name, rt.ref.location)] = ra
-    # Bytes saved: an adopted weight's blobs that differed from the anchor's and that no
-    # reference left in any output function still uses, each blob counted once.
-    if report.adopted:
-        still = {(id(r.file), r.blob.record_offset) for pkg, src, out_name in functions for r in pkg.function_refs(src)
-                 if (out_name, r.ref.op_name, r.ref.location) not in mapping}
-        counted: set[tuple[int, int]] = set()
-        for a, blobs in zip(report.adopted, freed):
-            a.bytes_saved = sum(size for key, size in blobs.items() if key not in still and key not in counted)
-            counted.update(blobs)
-    report.seconds = time.perf_counter() - start
-    return AdoptPlan(report, mapping, deferred)
+    def finish() -> AdoptPlan:
+        nonlocal first
+        first = [_confirm(w, found) if kind == "sampled" else (kind, found) for (_, w), (kind, found) in zip(targets, first)]
+        judge = None
+        freed: list[dict[tuple[int, int], int]] = []  # per adopted weight, its blobs that differ
+        if any(kind != "identical" for kind, _ in first):
+            from .dequant import check_weight
+
+            for w in anchors + [w for _, w in targets]:
+                check_weight(w)  # every weight's ops are consistent before anything is decided
+            judge = _Judge(thresholds)
+        for (out_name, w), (kind, found) in zip(targets, first):
+            report.weights += 1
+            m = detail = None
+            c = found
+            if kind == "measure":
+                kind, c, m, detail = judge(w, found)
+            if kind == "unpaired":
+                report.unpaired += 1
+                continue
+            if kind == "identical":
+                report.identical += 1
+                if c is not None:
+                    # Re-pointed at the anchor's blobs (the same bytes): the writer's coalescing
+                    # sees one blob and does not compare them again.
+                    for ra, rt in _blob_pairs(c, w):
+                        mapping[(out_name, rt.ref.op_name, rt.ref.location)] = ra
+                continue
+            if kind == "rejected":
+                report.rejected.append(Rejection(out_name, w.name, w.kind, anchor, c.name, detail, m))
+                continue
+            report.adopted.append(Adoption(out_name, w.name, w.kind, anchor, c.name, m, 0))
+            freed.append(detail)
+            for ra, rt in _blob_pairs(c, w):
+                mapping[(out_name, rt.ref.op_name, rt.ref.location)] = ra
+        # Bytes saved: an adopted weight's blobs that differed from the anchor's and that no
+        # reference left in any output function still uses, each blob counted once.
+        if report.adopted:
+            still = {(id(r.file), r.blob.record_offset) for pkg, src, out_name in functions for r in pkg.function_refs(src)
+                     if (out_name, r.ref.op_name, r.ref.location) not in mapping}
+            counted: set[tuple[int, int]] = set()
+            for a, blobs in zip(report.adopted, freed):
+                a.bytes_saved = sum(size for key, size in blobs.items() if key not in still and key not in counted)
+                counted.update(blobs)
+        report.seconds = time.perf_counter() - start
+        return AdoptPlan(report, mapping, deferred)
+
+    return not all_identical, finish
 
 
 def plan_for_picks(picks, thresholds: Thresholds, anchor: str | None, dry_run: bool = False,
@@ -506,20 +518,29 @@ def write_adopting(picks, thresholds: Thresholds, anchor: str | None, write) -> 
     the package (:func:`milsurgery.assemble.write_package`'s keywords of those names). Returns
     the plan and what ``write`` returned.
 
-    The plan is made on another thread while the writer copies the anchor's blobs, which
-    adoption never changes (``unchanged``: the writer calls ``adjust``, which waits for the plan,
-    only once it reaches other functions' blobs; when the anchor is not the first function
-    nothing is copied before). Byte-identical weights are left to the writer to confirm; should
-    one not be (equal samples, different bytes), the writer's output is discarded and the plan
-    made and written again with every byte compared first."""
+    Weights are screened first (spec and blob samples, no numpy). When every one is
+    byte-identical to an anchor weight by its samples, the bytes are left to the writer's
+    coalescing, which compares them while it copies, as in a plain merge; should one not be
+    (equal samples, different bytes), the writer's output is discarded and the plan made and
+    written again with every byte compared first. Otherwise the rest of the plan is made on
+    another thread while the writer copies the anchor's blobs, which adoption never changes
+    (``unchanged``: the writer calls ``adjust``, which waits for the plan, only once it reaches
+    other functions' blobs; when the anchor is not the first function nothing is copied before)."""
     names = [p.new_name for p in picks]
-    if anchor is not None and anchor not in names:
-        raise UsageError(f"anchor function {anchor!r} is not among the output functions {names}")
+    functions = [(p.source, p.name, p.new_name) for p in picks]
+    more, finish = _plan_steps(functions, thresholds, anchor, False, True)
+    if not more:
+        plan = finish()
+        try:
+            return plan, write(plan.apply, plan.confirm, None)
+        except DeferredMismatch:
+            plan = plan_for_picks(picks, thresholds, anchor)
+            return plan, write(plan.apply, None, None)
     made: dict[str, object] = {}
 
     def plan_now() -> None:
         try:
-            made["plan"] = plan_for_picks(picks, thresholds, anchor, defer_identical=True)
+            made["plan"] = finish()
         except BaseException as exc:  # handed to the writer's thread by adjust
             made["error"] = exc
 
@@ -531,16 +552,10 @@ def write_adopting(picks, thresholds: Thresholds, anchor: str | None, write) -> 
             raise made["error"]
         return made["plan"].apply(model, pairs)
 
-    def confirm(pairs, canonical):
-        made["plan"].confirm(pairs, canonical)
-
     thread.start()
     try:
-        report = write(adjust, confirm, anchor or names[0])
+        report = write(adjust, None, anchor or names[0])
         return made["plan"], report
-    except DeferredMismatch:
-        plan = plan_for_picks(picks, thresholds, anchor)
-        return plan, write(plan.apply, None, None)
     finally:
         # The plan reads the sources, which the caller closes next: it must be done by then
         # (an interrupt is let through at once: the process is on its way out).
