@@ -506,11 +506,9 @@ def _plan_steps(functions, thresholds: Thresholds, anchor: str | None, dry_run: 
     return not all_identical, finish
 
 
-def plan_for_picks(picks, thresholds: Thresholds, anchor: str | None, dry_run: bool = False,
-                   defer_identical: bool = False) -> AdoptPlan:
+def plan_for_picks(picks, thresholds: Thresholds, anchor: str | None, dry_run: bool = False) -> AdoptPlan:
     """:func:`plan_adoption` for the picks (:class:`milsurgery.assemble.Pick`) of a writer."""
-    return plan_adoption([(p.source, p.name, p.new_name) for p in picks], thresholds, anchor, dry_run=dry_run,
-                         defer_identical=defer_identical)
+    return plan_adoption([(p.source, p.name, p.new_name) for p in picks], thresholds, anchor, dry_run=dry_run)
 
 
 def write_adopting(picks, thresholds: Thresholds, anchor: str | None, write) -> tuple[AdoptPlan, object]:
