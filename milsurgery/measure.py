@@ -111,8 +111,8 @@ def _window_counts(raw, idx, r0: int, g0: int, g1: int, groups: tuple[int, ...],
 
     Indices in groups along axis 0 only are counted from their stored bytes ``raw``: widths
     that divide a byte one count per byte value and group, 3 and 6 bits one per 12 bits of
-    each 3-byte run, other widths per pair of decoded codes or per code; the counts are then
-    split into codes. Any other layout is counted from the decoded indices ``idx()``."""
+    each 3-byte run; the counts are then split into codes. Any other layout is counted from the
+    decoded indices ``idx()``."""
     bits = BLOB_DTYPE_BY_NAME[name].bits if name in BLOB_DTYPE_BY_NAME else 0
     ng = g1 - g0
     if raw is not None and bits and math.prod(groups[1:]) == 1:
@@ -132,20 +132,11 @@ def _window_counts(raw, idx, r0: int, g0: int, g1: int, groups: tuple[int, ...],
             for g in range(ng):
                 by_key[g] = np.bincount(key[g], minlength=4096)
             return _split_counts(by_key, bits, 12 // bits, palette)
-        if bits in (1, 2, 4, 8):
-            keys, digits = raw, 8 // bits
-        else:
-            codes = unpack_codes(raw, name)
-            if 2 * bits <= 12 and codes.size % (2 * ng) == 0:
-                keys, digits = codes[0::2].astype(np.uint16) | (codes[1::2].astype(np.uint16) << np.uint16(bits)), 2
-            else:
-                keys, digits = codes, 1
-        if keys.size % ng == 0:
-            width = 1 << (bits * digits)
-            key = keys.reshape(ng, -1).astype(np.intp)
-            key += (np.arange(ng, dtype=np.intp) * width)[:, None]
-            by_key = np.bincount(key.reshape(-1), minlength=ng * width)
-            return _split_counts(by_key.reshape(ng, width), bits, digits, palette)
+        if bits in (1, 2, 4, 8) and raw.size % ng == 0:
+            key = raw.reshape(ng, -1).astype(np.intp)
+            key += (np.arange(ng, dtype=np.intp) * 256)[:, None]
+            by_key = np.bincount(key.reshape(-1), minlength=ng * 256)
+            return _split_counts(by_key.reshape(ng, 256), bits, 8 // bits, palette)
     ind = idx()
     key = group_offsets(r0, ind.shape, blocks, g0, groups) * palette + ind
     return np.bincount(key.reshape(-1), minlength=math.prod(groups) * palette).reshape(-1, palette)
