@@ -386,6 +386,25 @@ def test_int4_table_sum_of_squares_equals_materialized():
     assert _int4_sumsq(raw[:-2], scale[:-1], 1024) is None  # blocks too long for the 16-bit fields
 
 
+def test_round_f16_equals_numpy_for_every_significand():
+    """Rounding float32 values to float16 precision (Veltkamp's split) equals numpy's float16
+    conversion for every float32 significand, both signs, in the lowest and highest binades of
+    float16's normal range and one between (rounding does not depend on the binade there)."""
+    from milsurgery.measure import _round_f16
+
+    significands = np.arange(1 << 23, dtype=np.uint32)
+    for exponent in (-14, 0, 15):
+        for sign in (0, 1):
+            bits = significands | np.uint32(((sign << 8) | (exponent + 127)) << 23)
+            x = bits.view(np.float32).copy()
+            with np.errstate(over="ignore"):
+                expected = x.astype(np.float16).astype(np.float32)
+            _round_f16(x)
+            finite = np.isfinite(expected)  # above 65504 numpy gives inf: outside the valid range
+            assert exponent != 15 or not finite.all()
+            np.testing.assert_array_equal(x[finite], expected[finite])
+
+
 @pytest.mark.parametrize("name", ["uint1", "uint2", "uint3", "uint4", "uint6", "uint8"])
 def test_lut_index_counts_from_stored_bytes(name):
     """Per-group index counts taken from stored bytes (a count per byte value, or per pair of
