@@ -114,6 +114,8 @@ def _base_name(name: str) -> str:
 
 @dataclass
 class Adoption:
+    """A target weight written as references to an anchor weight's blobs."""
+
     function: str
     op: str
     kind: str
@@ -130,6 +132,8 @@ class Adoption:
 
 @dataclass
 class Rejection:
+    """A target weight left as it was: its best candidate failed a threshold (``failed``)."""
+
     function: str
     op: str
     kind: str
@@ -222,6 +226,8 @@ class DeferredMismatch(Exception):
 
 @dataclass
 class AdoptPlan:
+    """What adoption decided, and the blob references it re-points (:meth:`apply`)."""
+
     report: AdoptReport
     #: (output function, op name, location) -> the anchor's blob that reference is to point at
     mapping: dict[tuple[str, str, str], ResolvedRef]

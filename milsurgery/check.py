@@ -89,6 +89,8 @@ class Violation:
 
 @dataclass
 class CheckReport:
+    """What ``check`` found: every violation of a package or spec file (valid when none)."""
+
     path: str  # what was checked (package or spec file)
     spec_path: str
     violations: list[Violation] = field(default_factory=list)

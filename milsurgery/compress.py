@@ -117,6 +117,8 @@ class CompressReport:
 
 @dataclass(frozen=True)
 class _Config:
+    """One compression setting, as the options gave it."""
+
     nbits: int | None
     mode: str
     group_size: int
@@ -158,6 +160,8 @@ def _config(palettize_bits, mode, group_size, quantize_dtype, block_size) -> _Co
 
 @dataclass
 class _Candidate:
+    """A const op whose weight may be compressed, and where it is."""
+
     function: str
     block_path: tuple
     index: int  # position of the const op in its block

@@ -39,6 +39,8 @@ __all__ = ["diff", "DiffReport", "OpChange", "render_diff"]
 
 @dataclass
 class OpChange:
+    """An op of A matched to one of B that differs, and how."""
+
     a: str  # op label in A: "name (type)"
     b: str
     changes: list[str]  # kinds: shape, type, inputs, attributes, values, weights, name
@@ -49,6 +51,8 @@ class OpChange:
 
 @dataclass
 class DiffReport:
+    """How function B differs from function A: I/O, ops changed, removed and added, weights."""
+
     a: str  # "PATH:FUNC"
     b: str
     io: list[str] = field(default_factory=list)  # "-input x: ...", "+input x: ..."

@@ -54,6 +54,8 @@ class VerificationFailed(MilSurgeryError):
 
 @dataclass
 class FunctionCheck:
+    """One function of the verified package checked against its source function."""
+
     function: str  # name in the package being verified
     source: str  # "PATH:FUNC"
     differences: list[str] = field(default_factory=list)
@@ -95,6 +97,8 @@ class AttributeCheck:
 
 @dataclass
 class VerifyReport:
+    """Every function's check, the attributes' and what differs outside the functions."""
+
     package: str
     checks: list[FunctionCheck]
     attributes: list[AttributeCheck] = field(default_factory=list)
