@@ -22,8 +22,11 @@ almost identical weight of the anchor function.
    (:func:`milsurgery.measure.compare_weights`: for the common kinds only what differs is decoded, the norms
    coming from one pass over the anchor); the best candidate meeting every threshold is
    adopted, otherwise the weight is reported as rejected with the threshold that failed.
-   Target weights are judged one after the other, in order (two threads were measured slower
-   than one on a 2-core machine: the numpy calls on cache-sized windows contend);
+   The pairs are measured on several processes (:mod:`milsurgery.parallel`: pairs sharing an
+   anchor together, on this process and helpers started as soon as the screen shows that
+   something must be measured); threads would not help, as two threads measured slower than
+   one on a 2-core machine (the numpy calls on cache-sized windows contend for the interpreter
+   lock). The decisions do not depend on how many processes measure;
 5. returns the mapping of references (output function, op, location) -> the anchor's blob, which
    :func:`milsurgery.assemble.write_package` applies before coalescing (the writer is unchanged:
    the re-pointed references coalesce with the anchor's), and records the adoption in the
@@ -370,17 +373,20 @@ def _confirm(w: Weight, found) -> tuple:
 
 
 class _Judge:
-    """Decides one target weight that is not byte-identical to a candidate: ("rejected" |
-    "adopted" | "identical", anchor weight, metrics, failed threshold or the target's blobs that
-    differ from the anchor's: {(id of file, record offset): size})."""
+    """Decides target weights that are not byte-identical to a candidate, in two steps:
+    :meth:`propose` (cheap: sketches and blob comparisons) says which candidates to measure,
+    :meth:`decide` judges their metrics. A decision is ("rejected" | "adopted" | "identical",
+    anchor weight, metrics, failed threshold or the target's blobs that differ from the
+    anchor's: {(id of file, record offset): size})."""
 
     def __init__(self, thresholds: Thresholds):
-        from .measure import Sketches, compare_weights, distance
+        from .measure import Sketches, distance
 
         self.thresholds, self.sketch, self.norms = thresholds, Sketches(), {}
-        self.compare, self.distance = compare_weights, distance
+        self.distance = distance
 
-    def __call__(self, w: Weight, candidates: list[Weight]):
+    def propose(self, w: Weight, candidates: list[Weight]) -> tuple:
+        """("identical", candidate) or ("measure", [(candidate, {blob key: (size, equal)})...])."""
         mine = self.sketch(w)
         base = _base_name(w.name)
         ranked = sorted((self.distance(self.sketch(c), mine), _base_name(c.name) != base, i)
@@ -388,18 +394,26 @@ class _Judge:
         # The best sketch is always measured; a runner-up only if its sketch is about as close
         # (a clear winner is not second-guessed with another full pass).
         nearest = ranked[0][0]
-        proposed = [candidates[i] for d, _, i in ranked[:CANDIDATES] if d <= 2 * nearest + SKETCH_SLACK]
-        best: tuple[Weight, Metrics, int] | None = None
-        first_fail: tuple[Weight, Metrics, str] | None = None
-        for c in proposed:
+        proposed = []
+        for d, _, i in ranked[:CANDIDATES]:
+            if d > 2 * nearest + SKETCH_SLACK:
+                continue
+            c = candidates[i]
             same = {}
             for ra, rt in _blob_pairs(c, w):
                 key = (id(rt.file), rt.blob.record_offset)
                 if key not in same:
                     same[key] = (rt.blob.size, blobs_equal(BlobSource(ra.file, ra.blob), BlobSource(rt.file, rt.blob)))
             if all(eq for _, eq in same.values()):
-                return ("identical", c, None, None)
-            m = self.compare(c, w, self.norms)
+                return ("identical", c)
+            proposed.append((c, same))
+        return ("measure", proposed)
+
+    def decide(self, proposed: list[tuple[Weight, dict]], metrics: list[Metrics]) -> tuple:
+        """The best candidate passing every threshold, else the first one's failure."""
+        best: tuple[Weight, Metrics, dict] | None = None
+        first_fail: tuple[Weight, Metrics, str] | None = None
+        for (c, same), m in zip(proposed, metrics):
             failed = self.thresholds.failure(m)
             if failed is None:
                 differing = {key: size for key, (size, eq) in same.items() if not eq}
@@ -412,6 +426,23 @@ class _Judge:
         return ("adopted",) + best
 
 
+def _judge_all(judge: _Judge, items: list[tuple[Weight, list[Weight]]], helpers) -> list[tuple]:
+    """:class:`_Judge`'s decision for every (target, candidates) item, in order; the candidates'
+    metrics measured together, here and on ``helpers`` (:func:`milsurgery.parallel.measure_pairs`)."""
+    from .parallel import measure_pairs
+
+    proposals = [judge.propose(w, candidates) for w, candidates in items]
+    pairs = [(c, w) for (w, _), (kind, found) in zip(items, proposals) if kind == "measure" for c, _ in found]
+    metrics = iter(measure_pairs(pairs, judge.norms, helpers))
+    out = []
+    for kind, found in proposals:
+        if kind == "identical":
+            out.append(("identical", found, None, None))
+        else:
+            out.append(judge.decide(found, [next(metrics) for _ in found]))
+    return out
+
+
 def plan_adoption(
     functions: Sequence[tuple[object, str, str]],
     thresholds: Thresholds,
@@ -419,6 +450,7 @@ def plan_adoption(
     *,
     dry_run: bool = False,
     defer_identical: bool = False,
+    workers: int | None = None,
 ) -> AdoptPlan:
     """Decide which weights adopt which: ``functions`` lists (package, source function name,
     output function name) in output order; the anchor is the first or the one named ``anchor``
@@ -432,11 +464,14 @@ def plan_adoption(
     ``defer_identical`` (not with ``dry_run``) and every weight's blob samples equal to an anchor
     weight's, the bytes are not compared here but left to the writer's coalescing, which
     compares them while it copies (:meth:`AdoptPlan.confirm` checks it did share them; if not,
-    the caller plans again without deferring)."""
-    return _plan_steps(functions, thresholds, anchor, dry_run, defer_identical)[1]()
+    the caller plans again without deferring). Pairs are measured on ``workers`` processes
+    (default: one per CPU; :func:`milsurgery.parallel.measure_pairs`); the plan is the same for
+    any number."""
+    return _plan_steps(functions, thresholds, anchor, dry_run, defer_identical, workers)[1]()
 
 
-def _plan_steps(functions, thresholds: Thresholds, anchor: str | None, dry_run: bool, defer_identical: bool):
+def _plan_steps(functions, thresholds: Thresholds, anchor: str | None, dry_run: bool, defer_identical: bool,
+                workers: int | None = None):
     """:func:`plan_adoption` in two steps: the screen (spec and blob samples, no numpy) runs now;
     returns whether there is more to do than leaving every weight to the writer's coalescing
     (bytes to compare, values to measure) and a callable that does it and returns the plan."""
@@ -463,6 +498,15 @@ def _plan_steps(functions, thresholds: Thresholds, anchor: str | None, dry_run: 
         first = [("identical", None) for _ in first]  # confirmed by the writer
 
     def finish() -> AdoptPlan:
+        from .parallel import Helpers, helpers_for
+
+        # Helper processes measure with this one; started first, their start-up overlaps the
+        # checks and sketches below.
+        measured = {id(x): x for (_, w), (kind, found) in zip(targets, first) if kind == "measure" for x in (w, *found)}
+        with helpers_for(list(measured.values()), workers) if measured else Helpers(0, []) as helpers:
+            return decide(helpers)
+
+    def decide(helpers) -> AdoptPlan:
         nonlocal first
         first = [_confirm(w, found) if kind == "sampled" else (kind, found) for (_, w), (kind, found) in zip(targets, first)]
         judge = None
@@ -473,12 +517,14 @@ def _plan_steps(functions, thresholds: Thresholds, anchor: str | None, dry_run: 
             for w in anchors + [w for _, w in targets]:
                 check_weight(w)  # every weight's ops are consistent before anything is decided
             judge = _Judge(thresholds)
+        items = [(w, found) for (_, w), (kind, found) in zip(targets, first) if kind == "measure"]
+        decided = iter(_judge_all(judge, items, helpers) if items else ())
         for (out_name, w), (kind, found) in zip(targets, first):
             report.weights += 1
             m = detail = None
             c = found
             if kind == "measure":
-                kind, c, m, detail = judge(w, found)
+                kind, c, m, detail = next(decided)
             if kind == "unpaired":
                 report.unpaired += 1
                 continue
@@ -512,12 +558,14 @@ def _plan_steps(functions, thresholds: Thresholds, anchor: str | None, dry_run: 
     return not all_identical, finish
 
 
-def plan_for_picks(picks, thresholds: Thresholds, anchor: str | None, dry_run: bool = False) -> AdoptPlan:
+def plan_for_picks(picks, thresholds: Thresholds, anchor: str | None, dry_run: bool = False,
+                   workers: int | None = None) -> AdoptPlan:
     """:func:`plan_adoption` for the picks (:class:`milsurgery.assemble.Pick`) of a writer."""
-    return plan_adoption([(p.source, p.name, p.new_name) for p in picks], thresholds, anchor, dry_run=dry_run)
+    return plan_adoption([(p.source, p.name, p.new_name) for p in picks], thresholds, anchor, dry_run=dry_run, workers=workers)
 
 
-def write_adopting(picks, thresholds: Thresholds, anchor: str | None, write) -> tuple[AdoptPlan, object]:
+def write_adopting(picks, thresholds: Thresholds, anchor: str | None, write,
+                   workers: int | None = None) -> tuple[AdoptPlan, object]:
     """Plan adoption for ``picks`` and write with it: ``write(adjust, confirm, unchanged)`` writes
     the package (:func:`milsurgery.assemble.write_package`'s keywords of those names). Returns
     the plan and what ``write`` returned.
@@ -532,13 +580,13 @@ def write_adopting(picks, thresholds: Thresholds, anchor: str | None, write) -> 
     other functions' blobs; when the anchor is not the first function nothing is copied before)."""
     names = [p.new_name for p in picks]
     functions = [(p.source, p.name, p.new_name) for p in picks]
-    more, finish = _plan_steps(functions, thresholds, anchor, False, True)
+    more, finish = _plan_steps(functions, thresholds, anchor, False, True, workers)
     if not more:
         plan = finish()
         try:
             return plan, write(plan.apply, plan.confirm, None)
         except DeferredMismatch:
-            plan = plan_for_picks(picks, thresholds, anchor)
+            plan = plan_for_picks(picks, thresholds, anchor, workers=workers)
             return plan, write(plan.apply, None, None)
     made: dict[str, object] = {}
 

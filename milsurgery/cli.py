@@ -115,7 +115,7 @@ def _warn_suffix(path) -> None:
 
 def _adopt_kwargs(args) -> dict:
     return dict(adopt=args.adopt, anchor=args.anchor, min_cosine=args.min_cosine, max_mean_abs=args.max_mean_abs,
-                max_abs=args.max_abs, dry_run=args.dry_run)
+                max_abs=args.max_abs, dry_run=args.dry_run, workers=args.workers)
 
 
 def _print_dry_run(report, as_json: bool) -> int:
@@ -396,6 +396,8 @@ def _add_adopt_options(p) -> None:
     p.add_argument("--anchor", metavar="FUNC", help="with --adopt: the function others adopt from (default: the first)")
     _add_threshold_options(p)
     p.add_argument("--dry-run", action="store_true", help="with --adopt: write nothing, print what would be adopted")
+    p.add_argument("--workers", type=int, metavar="N",
+                   help="with --adopt: processes measuring weights, this one included (default: one per CPU, at most 8; the result does not depend on it)")
 
 
 def build_parser() -> argparse.ArgumentParser:

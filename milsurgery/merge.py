@@ -27,6 +27,7 @@ def merge(
     max_mean_abs: float | None = None,
     max_abs: float | None = None,
     dry_run: bool = False,
+    workers: int | None = None,
 ):
     """Merge functions of ``sources`` (``PATH[:FUNC[=NEW]]`` each) into the package ``out``.
 
@@ -46,18 +47,20 @@ def merge(
     |delta| <= ``max_mean_abs`` (default 1e-3) and, if given, max |delta| <= ``max_abs``. The
     report's ``adoption`` lists what was adopted and rejected; ``verify`` then checks adopted
     weights against those thresholds. ``dry_run`` writes nothing and returns the
-    :class:`milsurgery.adopt.AdoptReport`.
+    :class:`milsurgery.adopt.AdoptReport`. ``workers`` processes measure weights, this one
+    included (default: one per CPU, at most 8; :mod:`milsurgery.parallel`); the outcome does not
+    depend on it.
     """
     from .thresholds import adoption_options
 
-    thresholds = adoption_options(adopt, anchor, min_cosine, max_mean_abs, max_abs, dry_run)
+    thresholds = adoption_options(adopt, anchor, min_cosine, max_mean_abs, max_abs, dry_run, workers)
     opened: dict[str, Package] = {}
     try:
         picks = resolve_sources(sources, opened)
         if thresholds is not None and dry_run:
             from .adopt import plan_for_picks
 
-            return plan_for_picks(picks, thresholds, anchor, dry_run).report
+            return plan_for_picks(picks, thresholds, anchor, dry_run, workers).report
         check = None
         checked = []
         if verify:
@@ -76,7 +79,7 @@ def merge(
         if thresholds is not None:
             from .adopt import write_adopting
 
-            plan, report = write_adopting(picks, thresholds, anchor, write)
+            plan, report = write_adopting(picks, thresholds, anchor, write, workers)
             report.adoption = plan.report.to_dict()
         else:
             report = write()

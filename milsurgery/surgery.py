@@ -64,12 +64,13 @@ def shrink(
     max_abs: float | None = None,
     dry_run: bool = False,
     wait: bool = True,
+    workers: int | None = None,
 ):
     """Coalesce identical blobs and drop unreferenced ones; write ``out`` or replace ``package``.
 
     The spec is otherwise unchanged (same functions, names, spec version). The report's
     ``bytes_written`` against the source weight.bin size gives the bytes recovered. ``sync=False``
-    (new output only) skips flushing the output to disk. ``adopt`` and the thresholds work as in
+    (new output only) skips flushing the output to disk. ``adopt``, the thresholds and ``workers`` work as in
     :func:`milsurgery.merge.merge`, between the package's functions (``dry_run`` returns the
     :class:`milsurgery.adopt.AdoptReport` and writes nothing). In place, ``package`` may be a
     symlink (the package it names is replaced) and the edit holds the package's edit lock;
@@ -77,12 +78,12 @@ def shrink(
     """
     from .thresholds import adoption_options
 
-    thresholds = adoption_options(adopt, anchor, min_cosine, max_mean_abs, max_abs, dry_run)
+    thresholds = adoption_options(adopt, anchor, min_cosine, max_mean_abs, max_abs, dry_run, workers)
     if thresholds is not None:
         from .adopt import plan_for_picks
     if dry_run:
         with Package(package) as pkg:
-            return plan_for_picks([Pick(pkg, f, f) for f in pkg.functions], thresholds, anchor, True).report
+            return plan_for_picks([Pick(pkg, f, f) for f in pkg.functions], thresholds, anchor, True, workers).report
     if (out is None) == (not in_place):
         raise UsageError("shrink needs exactly one of an output path (-o OUT, in Python out) or --in-place (in_place=True)")
     if in_place and not sync:
@@ -90,7 +91,7 @@ def shrink(
     if not in_place:
         with Package(package) as pkg:
             picks = [Pick(pkg, f, f) for f in pkg.functions]
-            plan = plan_for_picks(picks, thresholds, anchor) if thresholds is not None else None
+            plan = plan_for_picks(picks, thresholds, anchor, workers=workers) if thresholds is not None else None
             adjust = plan.apply if plan is not None else None
             report = _write_same_shape(pkg, picks, out, pkg.default_function, force, progress, sync, adjust)
             if plan is not None:
@@ -100,7 +101,7 @@ def shrink(
     # as it was). The lock keeps other in-place editors out until the exchange is done.
     with edit_lock(package, wait=wait) as real, Package(real) as pkg:
         picks = [Pick(pkg, f, f) for f in pkg.functions]
-        plan = plan_for_picks(picks, thresholds, anchor) if thresholds is not None else None
+        plan = plan_for_picks(picks, thresholds, anchor, workers=workers) if thresholds is not None else None
         adjust = plan.apply if plan is not None else None
         parent, name = os.path.split(pkg.path)
         remove_stale_partials(pkg.path)

@@ -75,15 +75,19 @@ def adoption_options(
     max_mean_abs: float | None,
     max_abs: float | None,
     dry_run: bool,
+    workers: int | None = None,
 ) -> Thresholds | None:
     """Check the adoption keywords of ``merge``/``shrink``: the thresholds (defaults filled in)
-    with ``adopt``, None without it; options that only make sense with ``adopt`` are refused."""
+    with ``adopt``, None without it; options that only make sense with ``adopt`` are refused, and
+    ``workers`` (processes measuring weights) must be a whole number >= 1."""
     if not adopt:
         given = [n for n, v in (("anchor", anchor), ("min_cosine", min_cosine), ("max_mean_abs", max_mean_abs),
-                                ("max_abs", max_abs)) if v is not None] + (["dry_run"] if dry_run else [])
+                                ("max_abs", max_abs), ("workers", workers)) if v is not None] + (["dry_run"] if dry_run else [])
         if given:
             raise UsageError(f"--{given[0].replace('_', '-')} applies only with --adopt")
         return None
+    if workers is not None and (not isinstance(workers, int) or isinstance(workers, bool) or workers < 1):
+        raise UsageError(f"workers (--workers) must be a whole number >= 1, got {workers!r}")
     defaults = Thresholds()
     return Thresholds(
         defaults.min_cosine if min_cosine is None else min_cosine,

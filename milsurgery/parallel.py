@@ -1,0 +1,315 @@
+"""Measuring weight pairs on several processes (near-duplicate adoption's costly step).
+
+:func:`measure_pairs` computes :func:`milsurgery.measure.compare_weights` for many (anchor,
+target) pairs. Pairs sharing an anchor form one task (the anchor's norm is computed once per
+task); tasks go, largest first, to whichever process is free: this one and up to ``workers - 1``
+helper processes (``python -m milsurgery.parallel``). Threads would not do: numpy's operations
+on the windows are short, and two threads spend their time waiting for the interpreter lock.
+
+A helper reads the same open files as this process (their descriptors are passed to it, so a
+file renamed or replaced meanwhile is not read instead) and is told each weight's ops and blob
+references; it sends back metrics. A pair's metrics are the same whichever process computes
+them (the same code, the same order of sums). Anything that goes wrong in a helper (it cannot
+start, it dies, a task raises) makes this process compute that task itself: an error is then
+raised here, as without helpers. Helpers end when their input closes; any still running when
+this process exits are killed.
+"""
+
+from __future__ import annotations
+
+import atexit
+import os
+import pickle
+import struct
+import subprocess
+import sys
+import threading
+from dataclasses import dataclass
+
+from ._proto import milsurgery_spec_pb2 as pb
+from .package import ResolvedRef
+from .spec import BlobRef
+from .weights import Weight
+
+__all__ = ["measure_pairs", "helpers_for", "Helpers", "default_workers", "MIN_PARALLEL_BYTES"]
+
+#: Blob bytes the pairs must read, at least, before helper processes are started (a helper
+#: takes about 0.3 s of another CPU to start: numpy and this package imported).
+MIN_PARALLEL_BYTES = 64 << 20
+#: The command that starts a helper (a list: argv).
+WORKER_COMMAND = [sys.executable, "-m", "milsurgery.parallel"]
+
+_LENGTH = struct.Struct("<Q")
+_MAX_MESSAGE = 1 << 30  # far above any task or answer: a longer one means the stream is out of step
+_live: set[subprocess.Popen] = set()
+_live_lock = threading.Lock()
+
+
+#: Most processes :func:`default_workers` gives (each helper holds numpy and its windows: ~40 MiB).
+MAX_DEFAULT_WORKERS = 8
+
+
+def default_workers() -> int:
+    """Processes to measure with: one per CPU this process may run on, at most
+    :data:`MAX_DEFAULT_WORKERS`."""
+    try:
+        cpus = len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        cpus = os.cpu_count() or 1
+    return max(1, min(MAX_DEFAULT_WORKERS, cpus))
+
+
+# -- what a helper is told about a weight -------------------------------------------------------
+
+
+@dataclass
+class _PackageName:
+    """What errors about a weight name: its package's paths."""
+
+    path: str
+    spec_path: str
+
+
+def _describe(w: Weight) -> tuple:
+    refs = [(r.ref.op_name, r.ref.location, r.file.fileno(), r.file.path, r.blob) for r in w.refs]
+    return (w.package.path, w.package.spec_path, w.function, w.name, [op.SerializeToString() for op in w.ops],
+            refs, tuple(w.shape), w.dtype)
+
+
+class _File:
+    """A blob file a helper reads through a descriptor inherited from the parent."""
+
+    def __init__(self, fd: int, path: str):
+        self._fd, self.path = fd, path
+
+    def fileno(self) -> int:
+        return self._fd
+
+
+def _rebuild(desc: tuple, files: dict[int, _File]) -> Weight:
+    """The weight :func:`_describe` described, evaluable (:mod:`milsurgery.dequant`)."""
+    from .dequant import _Graph
+
+    path, spec_path, function, name, op_bytes, refs, shape, dtype = desc
+    ops = []
+    for data in op_bytes:
+        op = pb.Operation()
+        op.ParseFromString(data)
+        ops.append(op)
+    graph = _Graph.__new__(_Graph)
+    graph.pkg, graph.function, graph.block = _PackageName(path, spec_path), function, None
+    graph.producers = {out.name: (op, i) for op in ops for i, out in enumerate(op.outputs)}
+    graph.refs = {}
+    resolved = []
+    for op_name, location, fd, file_path, blob in refs:
+        f = files.get(fd)
+        if f is None:
+            f = files[fd] = _File(fd, file_path)
+        r = ResolvedRef(BlobRef(function, "", op_name, location, pb.Value()), f, blob)
+        graph.refs.setdefault(op_name, []).append(r)
+        resolved.append(r)
+    return Weight(graph.pkg, function, name, ops, resolved, shape, dtype, graph)
+
+
+# -- the pipe protocol: length-prefixed pickles -------------------------------------------------
+
+
+def _send(stream, message) -> None:
+    data = pickle.dumps(message, protocol=pickle.HIGHEST_PROTOCOL)
+    stream.write(_LENGTH.pack(len(data)) + data)
+    stream.flush()
+
+
+def _receive(stream):
+    head = stream.read(_LENGTH.size)
+    if len(head) < _LENGTH.size:
+        raise EOFError
+    (n,) = _LENGTH.unpack(head)
+    if n > _MAX_MESSAGE:
+        raise ValueError(f"message of {n} bytes")
+    data = stream.read(n)
+    if len(data) < n:
+        raise EOFError
+    return pickle.loads(data)
+
+
+def _worker_main() -> int:
+    """A helper's loop: read a task (an anchor and its targets), send back their metrics (or
+    ``None`` if the task raised: the parent then computes it itself)."""
+    from .measure import compare_weights
+
+    source, sink = sys.stdin.buffer, sys.stdout.buffer
+    files: dict[int, _File] = {}
+    try:
+        while True:
+            try:
+                anchor_desc, target_descs = _receive(source)
+            except EOFError:
+                return 0
+            try:
+                anchor = _rebuild(anchor_desc, files)
+                norms: dict = {}
+                result = [compare_weights(anchor, _rebuild(t, files), norms) for t in target_descs]
+            except Exception:
+                result = None
+            _send(sink, result)
+    except (KeyboardInterrupt, BrokenPipeError):
+        return 0
+
+
+# -- the parent's side --------------------------------------------------------------------------
+
+
+def _kill_live() -> None:
+    with _live_lock:
+        procs = list(_live)
+    for p in procs:
+        try:
+            p.kill()
+            p.wait()
+        except OSError:
+            pass
+
+
+atexit.register(_kill_live)
+
+
+def _start(fds: list[int]) -> subprocess.Popen | None:
+    # The helper imports this very copy of the package (the same code gives the same metrics),
+    # wherever this process found it.
+    here = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in (here, os.environ.get("PYTHONPATH")) if p))
+    try:
+        p = subprocess.Popen(WORKER_COMMAND, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
+                             pass_fds=fds, close_fds=True, env=env)
+    except (OSError, ValueError, TypeError):  # no usable interpreter; descriptors cannot be passed
+        return None
+    with _live_lock:
+        _live.add(p)
+    return p
+
+
+def _stop(p: subprocess.Popen, kill: bool) -> None:
+    try:
+        if kill:
+            p.kill()
+        p.stdin.close()
+    except OSError:
+        pass
+    try:
+        p.stdout.close()
+    except OSError:
+        pass
+    p.wait()
+    with _live_lock:
+        _live.discard(p)
+
+
+class Helpers:
+    """Helper processes, started early (their start-up overlaps this process's own work) and
+    used by :func:`measure_pairs`. ``fds``: descriptors of every blob file the pairs will read.
+    Close with :meth:`close` (or use as a context manager)."""
+
+    def __init__(self, count: int, fds: list[int]):
+        self.fds = sorted(set(fds))
+        self.procs = [p for p in (_start(self.fds) for _ in range(max(0, count))) if p is not None]
+
+    def close(self, kill: bool = False) -> None:
+        procs, self.procs = self.procs, []
+        for p in procs:
+            _stop(p, kill)
+
+    def __enter__(self) -> Helpers:
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        self.close(kill=exc_type is not None)
+
+
+def helpers_for(weights: list[Weight], workers: int | None = None, min_parallel_bytes: int | None = None) -> Helpers:
+    """Helpers for measuring ``weights`` (their pairs): ``workers - 1`` of them (``workers`` default
+    :func:`default_workers`), none when the weights hold fewer than ``min_parallel_bytes`` (default
+    :data:`MIN_PARALLEL_BYTES`) of blobs."""
+    workers = default_workers() if workers is None else max(1, int(workers))
+    least = MIN_PARALLEL_BYTES if min_parallel_bytes is None else min_parallel_bytes
+    if workers <= 1 or sum(w.blob_bytes for w in weights) < least:
+        return Helpers(0, [])
+    return Helpers(workers - 1, [r.file.fileno() for w in weights for r in w.refs])
+
+
+def measure_pairs(pairs: list[tuple[Weight, Weight]], norms: dict | None = None, helpers: Helpers | None = None) -> list:
+    """:func:`milsurgery.measure.compare_weights` of every (anchor, target) pair, in order, on
+    this process and ``helpers`` (whose ``fds`` must cover the pairs' blob files). ``norms`` is
+    this process's cache of anchor norms (:func:`compare_weights`)."""
+    from .measure import compare_weights
+
+    norms = {} if norms is None else norms
+    groups: dict[int, list[int]] = {}
+    for k, (a, _) in enumerate(pairs):
+        groups.setdefault(id(a), []).append(k)
+    tasks = sorted(groups.values(), key=lambda ks: -sum(pairs[ks[0]][0].size + pairs[k][1].size for k in ks))
+    results: list = [None] * len(pairs)
+    procs = list(helpers.procs) if helpers is not None else []
+    if procs and not {r.file.fileno() for a, t in pairs for w in (a, t) for r in w.refs} <= set(helpers.fds):
+        procs = []  # a file the helpers cannot read
+
+    def local(ks: list[int]) -> None:
+        for k in ks:
+            a, t = pairs[k]
+            results[k] = compare_weights(a, t, norms)
+
+    if not procs or len(tasks) < 2:
+        for ks in tasks:
+            local(ks)
+        return results
+
+    lock = threading.Lock()
+    queue = iter(tasks)
+    undone: list[list[int]] = []  # tasks a helper failed: computed here afterwards
+    stop = threading.Event()
+
+    def take() -> list[int] | None:
+        with lock:
+            return None if stop.is_set() else next(queue, None)
+
+    def serve(p: subprocess.Popen) -> None:
+        ks = None
+        try:
+            while True:
+                ks = take()
+                if ks is None:
+                    return
+                _send(p.stdin, (_describe(pairs[ks[0]][0]), [_describe(pairs[k][1]) for k in ks]))
+                got = _receive(p.stdout)
+                if got is None or len(got) != len(ks):
+                    with lock:
+                        undone.append(ks)
+                else:
+                    for k, m in zip(ks, got):
+                        results[k] = m
+                ks = None
+        except Exception:  # whatever went wrong, the task is done here and the helper not used again
+            if ks is not None:
+                with lock:
+                    undone.append(ks)
+            _stop(p, kill=True)  # out of step: not used again
+            helpers.procs = [q for q in helpers.procs if q is not p]
+
+    threads = [threading.Thread(target=serve, args=(p,), name="milsurgery-measure", daemon=True) for p in procs]
+    for th in threads:
+        th.start()
+    try:
+        while (ks := take()) is not None:
+            local(ks)
+    except BaseException:
+        stop.set()
+        raise
+    for th in threads:
+        th.join()
+    for ks in sorted(undone):
+        local(ks)
+    return results
+
+
+if __name__ == "__main__":
+    sys.exit(_worker_main())
