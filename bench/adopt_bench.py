@@ -22,12 +22,15 @@ each package compressed separately with coremltools:
 For each size and kind, in one run: an independent computation (coremltools' own decompression
 of both packages, float64 numpy, pairs known by construction) lists the pairs that meet the
 thresholds and the size the output should have (one function's weight.bin plus the bytes of the
-weights that fail); then each tool runs in its own process, timed, with its peak RSS (VmHWM):
-``milsurgery merge --adopt``, ``milsurgery merge`` and, unless ``--no-reference``,
-coremltools' ``save_multifunction``. Inputs are read once before each run (warm page cache);
-milsurgery's modules are compiled to bytecode first, as an installed package's are. The
-adoption pass is also timed alone: a dry run, in a process that has already imported numpy and
-the metrics module (``merge --adopt`` imports them only once some weight must be measured).
+weights that fail); then each tool runs in its own process, timed, with its peak RSS (VmHWM;
+and the largest peak of any process it started, its helpers): ``milsurgery merge --adopt``
+(weights measured on one process per CPU, the default), ``merge --adopt --workers 1`` (one
+process), ``milsurgery merge`` and, unless ``--no-reference``, coremltools'
+``save_multifunction``. Inputs are read once before each run (warm page cache); milsurgery's
+modules are compiled to bytecode first, as an installed package's are. The adoption pass is
+also timed alone, with the default workers and with one: a dry run, in a process that has already
+imported numpy and the metrics module (``merge --adopt`` imports them only once some weight
+must be measured).
 Run from the repository root::
 
     python bench/adopt_bench.py --sizes 64,256            # fp16 MiB of weights per package
@@ -49,7 +52,10 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 sys.path.insert(0, HERE)
 
+sys.path.insert(0, ROOT)
+
 from merge_bench import REFERENCE, compile_package, settle, timed, warm, weight_bin  # noqa: E402
+from milsurgery.parallel import default_workers  # noqa: E402
 
 KINDS = ("lut4", "lut6", "lut4u", "lut6u", "int8", "int4", "identical", "fp16")
 HIDDEN = 2048  # groups of 8 rows hold 16,384 values: kmeans1d, as coremltools picks it for real models
@@ -147,7 +153,8 @@ DRY_RUN = r"""
 import json, sys
 import milsurgery.measure
 from milsurgery import merge
-print(json.dumps(merge(sys.argv[2:], sys.argv[1], adopt=True, dry_run=True).to_dict()))
+workers = int(sys.argv[2]) or None
+print(json.dumps(merge(sys.argv[3:], sys.argv[1], adopt=True, dry_run=True, workers=workers).to_dict()))
 """
 
 
@@ -205,6 +212,7 @@ def run_case(workdir: str, size_mib: int, kind: str, reference: bool, rounds: in
     cmd = [sys.executable, "-m", "milsurgery", "merge", *srcs, "--quiet", "-o"]
     tools = {
         "merge --adopt": cmd[:-2] + ["--adopt", "--json", "-o"],
+        "merge --adopt --workers 1": cmd[:-2] + ["--adopt", "--workers", "1", "--json", "-o"],
         "merge": cmd,
     }
     if reference:
@@ -230,20 +238,28 @@ def run_case(workdir: str, size_mib: int, kind: str, reference: bool, rounds: in
         result[tool] = r
         if tool == "merge --adopt":
             out = os.path.join(workdir, "out-mergeadopt.mlpackage")
-            passes = []
-            for _ in range(rounds):
-                report = subprocess.run([sys.executable, "-c", DRY_RUN, out + "-dry", *srcs], check=True,
-                                        capture_output=True, text=True, env=dict(os.environ, PYTHONPATH=ROOT))
-                d = json.loads(report.stdout)
-                passes.append(d["totals"]["seconds"])
-            result["adopted"] = sorted(x["op"] for x in d["adopted"])
+            passes: dict[str, list[float]] = {"": [], "_1_worker": []}
+            for i in range(rounds):  # default workers and one process, taking turns
+                for suffix in ("", "_1_worker") if i % 2 == 0 else ("_1_worker", ""):
+                    workers = "1" if suffix else "0"
+                    report = subprocess.run([sys.executable, "-c", DRY_RUN, out + "-dry", workers, *srcs], check=True,
+                                            capture_output=True, text=True, env=dict(os.environ, PYTHONPATH=ROOT))
+                    d = json.loads(report.stdout)
+                    passes[suffix].append(d["totals"]["seconds"])
+                    adopted = sorted(x["op"] for x in d["adopted"])
+                    if result.setdefault("adopted", adopted) != adopted:
+                        raise SystemExit(f"{kind}: the dry runs with workers {workers} adopted other weights")
             result["rejected"] = sorted(x["op"] for x in d["rejected"])
-            result["adopt_seconds_in_process"] = sorted(passes)[(len(passes) - 1) // 2]
-            result["adopt_seconds_rounds"] = passes
+            for suffix, values in passes.items():
+                result["adopt_seconds_in_process" + suffix] = sorted(values)[(len(values) - 1) // 2]
+                result["adopt_seconds_rounds" + suffix] = values
     result["adopted_as_expected"] = result["adopted"] == sorted(expected["pass"]) and result["rejected"] == sorted(expected["fail"])
     ours = result["merge --adopt"]
     result["seconds_per_gib_compressed"] = round(ours["seconds"] / (inputs / 2**30), 2)
     result["pass_seconds_per_gib"] = round(result["adopt_seconds_in_process"] / (inputs / 2**30), 2)
+    result["pass_seconds_per_gib_1_worker"] = round(result["adopt_seconds_in_process_1_worker"] / (inputs / 2**30), 2)
+    result["seconds_per_gib_compressed_1_worker"] = round(result["merge --adopt --workers 1"]["seconds"] / (inputs / 2**30), 2)
+    result["workers"] = default_workers()
     result["output_vs_single"] = round(ours["output_bytes"] / result["infer_bytes"], 4)
     result["time_vs_plain_merge"] = round(ours["seconds"] / result["merge"]["seconds"], 2)
     if reference:
@@ -261,15 +277,18 @@ def render(results: list[dict]) -> str:
             f"(infer alone {r['infer_bytes'] / 2**20:.1f} MiB); independent check: {e['pass']} pairs pass, "
             f"{e['fail']} fail, {e['identical']} identical of {e['pairs']}; adopted as expected: {r['adopted_as_expected']}"
         )
-        for tool in ("merge --adopt", "merge", "save_multifunction"):
+        for tool in ("merge --adopt", "merge --adopt --workers 1", "merge", "save_multifunction"):
             if tool in r:
                 t = r[tool]
-                lines.append(f"  {tool:20s} {t['seconds']:8.2f} s  peak RSS {t['peak_rss_mib']:7.1f} MiB  "
+                lines.append(f"  {tool:22s} {t['seconds']:8.2f} s  peak RSS {t['peak_rss_mib']:7.1f} MiB "
+                             f"(largest process incl. helpers {t['peak_rss_any_mib']:7.1f})  "
                              f"weight.bin {t['output_bytes'] / 2**20:8.1f} MiB")
         extra = f", {r['time_vs_save_multifunction']}x save_multifunction's time" if "time_vs_save_multifunction" in r else ""
         lines.append(f"  adoption pass (in process, dry run): {r['adopt_seconds_in_process']:.2f} s, "
-                     f"{r['pass_seconds_per_gib']} s per GiB of input")
-        lines.append(f"  adopt: {r['seconds_per_gib_compressed']} s per GiB of compressed input, output "
+                     f"{r['pass_seconds_per_gib']} s per GiB of input ({r['workers']} processes); one process "
+                     f"{r['adopt_seconds_in_process_1_worker']:.2f} s, {r['pass_seconds_per_gib_1_worker']} s per GiB")
+        lines.append(f"  adopt: {r['seconds_per_gib_compressed']} s per GiB of compressed input "
+                     f"({r['seconds_per_gib_compressed_1_worker']} with --workers 1), output "
                      f"{r['output_vs_single']}x the single function, {r['time_vs_plain_merge']}x plain merge's time{extra}")
     return "\n".join(lines)
 
