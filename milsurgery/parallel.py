@@ -9,10 +9,11 @@ on the windows are short, and two threads spend their time waiting for the inter
 A helper reads the same open files as this process (their descriptors are passed to it, so a
 file renamed or replaced meanwhile is not read instead) and is told each weight's ops and blob
 references; it sends back metrics. A pair's metrics are the same whichever process computes
-them (the same code, the same order of sums). Anything that goes wrong in a helper (it cannot
-start, it dies, a task raises) makes this process compute that task itself: an error is then
-raised here, as without helpers. Helpers end when their input closes; any still running when
-this process exits are killed.
+them (the same code, the same order of sums). A helper gets tasks only once it is ready, so
+this process never waits for one to start. Anything that goes wrong in a helper (it cannot
+start, it dies, it answers garbage, a task raises) makes this process compute that task itself:
+an error is then raised here, as without helpers. Helpers are killed once the pairs are
+measured, or when this process exits; one whose parent is gone ends when its input closes.
 """
 
 from __future__ import annotations
@@ -146,6 +147,7 @@ def _worker_main() -> int:
     source, sink = sys.stdin.buffer, sys.stdout.buffer
     files: dict[int, _File] = {}
     try:
+        _send(sink, "ready")  # imports done: tasks sent from now on start at once
         while True:
             try:
                 anchor_desc, target_descs = _receive(source)
@@ -195,17 +197,13 @@ def _start(fds: list[int]) -> subprocess.Popen | None:
     return p
 
 
-def _stop(p: subprocess.Popen, kill: bool) -> None:
-    try:
-        if kill:
-            p.kill()
-        p.stdin.close()
-    except OSError:
-        pass
-    try:
-        p.stdout.close()
-    except OSError:
-        pass
+def _stop(p: subprocess.Popen) -> None:
+    """End a helper: killed (it holds nothing: it only reads and computes), its pipes closed."""
+    for step in (p.kill, p.stdin.close, p.stdout.close):
+        try:
+            step()
+        except (OSError, ValueError):
+            pass
     p.wait()
     with _live_lock:
         _live.discard(p)
@@ -219,17 +217,19 @@ class Helpers:
     def __init__(self, count: int, fds: list[int]):
         self.fds = sorted(set(fds))
         self.procs = [p for p in (_start(self.fds) for _ in range(max(0, count))) if p is not None]
+        self.used = False  # serve one measure_pairs call: its threads own the pipes
 
-    def close(self, kill: bool = False) -> None:
+    def close(self) -> None:
+        """Stop the helpers (killed: one may still be starting, and none holds anything)."""
         procs, self.procs = self.procs, []
         for p in procs:
-            _stop(p, kill)
+            _stop(p)
 
     def __enter__(self) -> Helpers:
         return self
 
     def __exit__(self, exc_type, exc, tb) -> None:
-        self.close(kill=exc_type is not None)
+        self.close()
 
 
 def helpers_for(weights: list[Weight], workers: int | None = None, min_parallel_bytes: int | None = None) -> Helpers:
@@ -255,7 +255,10 @@ def measure_pairs(pairs: list[tuple[Weight, Weight]], norms: dict | None = None,
         groups.setdefault(id(a), []).append(k)
     tasks = sorted(groups.values(), key=lambda ks: -sum(pairs[ks[0]][0].size + pairs[k][1].size for k in ks))
     results: list = [None] * len(pairs)
-    procs = list(helpers.procs) if helpers is not None else []
+    procs = []
+    if helpers is not None and not helpers.used:
+        helpers.used = True
+        procs = list(helpers.procs)
     if procs and not {r.file.fileno() for a, t in pairs for w in (a, t) for r in w.refs} <= set(helpers.fds):
         procs = []  # a file the helpers cannot read
 
@@ -269,49 +272,56 @@ def measure_pairs(pairs: list[tuple[Weight, Weight]], norms: dict | None = None,
             local(ks)
         return results
 
-    lock = threading.Lock()
+    cond = threading.Condition()
     queue = iter(tasks)
     undone: list[list[int]] = []  # tasks a helper failed: computed here afterwards
-    stop = threading.Event()
+    state = {"lent": 0, "stop": False}  # tasks a helper holds; no more tasks to hand out
 
-    def take() -> list[int] | None:
-        with lock:
-            return None if stop.is_set() else next(queue, None)
+    def take(remote: bool) -> list[int] | None:
+        with cond:
+            ks = None if state["stop"] else next(queue, None)
+            if ks is not None and remote:
+                state["lent"] += 1
+            return ks
+
+    def settle(ks: list[int], got) -> None:
+        with cond:
+            if got is None or len(got) != len(ks):
+                undone.append(ks)
+            else:
+                for k, m in zip(ks, got):
+                    results[k] = m
+            state["lent"] -= 1
+            cond.notify_all()
 
     def serve(p: subprocess.Popen) -> None:
+        # Tasks go to a helper only once it is ready: one still starting holds none, so this
+        # process never waits for a helper's start-up (it may take every task itself).
         ks = None
         try:
-            while True:
-                ks = take()
-                if ks is None:
-                    return
+            if _receive(p.stdout) != "ready":
+                raise ValueError("helper out of step")
+            while (ks := take(remote=True)) is not None:
                 _send(p.stdin, (_describe(pairs[ks[0]][0]), [_describe(pairs[k][1]) for k in ks]))
                 got = _receive(p.stdout)
-                if got is None or len(got) != len(ks):
-                    with lock:
-                        undone.append(ks)
-                else:
-                    for k, m in zip(ks, got):
-                        results[k] = m
+                settle(ks, got)
                 ks = None
         except Exception:  # whatever went wrong, the task is done here and the helper not used again
             if ks is not None:
-                with lock:
-                    undone.append(ks)
-            _stop(p, kill=True)  # out of step: not used again
-            helpers.procs = [q for q in helpers.procs if q is not p]
+                settle(ks, None)
+            _stop(p)
 
-    threads = [threading.Thread(target=serve, args=(p,), name="milsurgery-measure", daemon=True) for p in procs]
-    for th in threads:
-        th.start()
+    for p in procs:
+        threading.Thread(target=serve, args=(p,), name="milsurgery-measure", daemon=True).start()
     try:
-        while (ks := take()) is not None:
+        while (ks := take(remote=False)) is not None:
             local(ks)
     except BaseException:
-        stop.set()
+        with cond:
+            state["stop"] = True
         raise
-    for th in threads:
-        th.join()
+    with cond:
+        cond.wait_for(lambda: state["lent"] == 0)
     for ks in sorted(undone):
         local(ks)
     return results

@@ -45,9 +45,17 @@ def weight_bytes(pkg: str) -> bytes:
 @pytest.fixture
 def always_parallel(monkeypatch):
     """Helpers started however small the weights; records every helper started and every
-    result a helper sent back."""
+    answer a helper sent back. This process measures slowly (a pause before each pair), so that
+    helpers, which get tasks only once they are ready, take some."""
+    import milsurgery.measure
+
     started, answers = [], []
     start, receive = parallel._start, parallel._receive
+    compare = milsurgery.measure.compare_weights
+
+    def slow_compare(*args, **kwargs):
+        time.sleep(0.5)
+        return compare(*args, **kwargs)
 
     def record_start(fds):
         p = start(fds)
@@ -63,6 +71,7 @@ def always_parallel(monkeypatch):
     monkeypatch.setattr(parallel, "MIN_PARALLEL_BYTES", 0)
     monkeypatch.setattr(parallel, "_start", record_start)
     monkeypatch.setattr(parallel, "_receive", record_receive)
+    monkeypatch.setattr(milsurgery.measure, "compare_weights", slow_compare)
     return started, answers
 
 
@@ -87,32 +96,43 @@ def test_same_plan_and_output_for_any_number_of_workers(pairs, kind, tmp_path, a
         assert weight_bytes(str(out)) == weight_bytes(str(tmp_path / "one.mlpackage"))
     assert len(started) == 1 + 2
     assert all(p.returncode is not None for p in started)  # every helper ended and was reaped
-    measured_remotely = [a for a in answers if a is not None]
+    measured_remotely = [a for a in answers if isinstance(a, list)]
     assert measured_remotely and all(len(a) >= 1 for a in measured_remotely)
     dry = [report_without_time(merge(sources(pair), tmp_path / "dry", adopt=True, dry_run=True, workers=j)) for j in (1, 2)]
     assert dry[0] == dry[1]
     assert not os.path.exists(tmp_path / "dry")
 
 
-@pytest.mark.parametrize("command", [
-    ["/nonexistent/python"],  # cannot start
-    [sys.executable, "-c", "import sys; sys.exit(0)"],  # exits before reading anything
-    [sys.executable, "-c", "import sys; sys.stdin.buffer.read(8); sys.stdout.buffer.write(b'garbage!'); sys.stdout.flush()"],
+HELPER = "import sys\nfrom milsurgery.parallel import _receive, _send\nsource, sink = sys.stdin.buffer, sys.stdout.buffer\n"
+
+
+@pytest.mark.parametrize("command, takes_task", [
+    (["/nonexistent/python"], False),  # cannot start
+    ([sys.executable, "-c", "import sys; sys.exit(0)"], False),  # exits before it is ready
+    ([sys.executable, "-c", "import sys; sys.stdout.buffer.write(b'garbage!'); sys.stdout.flush()"], False),
+    # ready, then exits holding a task
+    ([sys.executable, "-c", HELPER + "_send(sink, 'ready'); _receive(source)"], True),
+    # ready, then answers a task with garbage
+    ([sys.executable, "-c", HELPER + "_send(sink, 'ready'); _receive(source); sink.write(b'garbage!' * 4); sink.flush()"], True),
     # every task fails in the helper (it answers None): the parent measures them all itself
-    [sys.executable, "-c", "import sys, milsurgery.measure as m\n"
-                           "def fail(*a, **k): raise RuntimeError('injected')\n"
-                           "m.compare_weights = fail\n"
-                           "from milsurgery.parallel import _worker_main\n"
-                           "sys.exit(_worker_main())"],
+    ([sys.executable, "-c", "import sys, milsurgery.measure as m\n"
+                            "def fail(*a, **k): raise RuntimeError('injected')\n"
+                            "m.compare_weights = fail\n"
+                            "from milsurgery.parallel import _worker_main\n"
+                            "sys.exit(_worker_main())"], True),
 ])
-def test_failing_helpers_change_nothing(pairs, tmp_path, always_parallel, monkeypatch, command):
+def test_failing_helpers_change_nothing(pairs, tmp_path, always_parallel, monkeypatch, command, takes_task):
     started, answers = always_parallel
     pair = pairs["int4_block"]
     expected = report_without_time(merge(sources(pair), tmp_path / "dry", adopt=True, dry_run=True, workers=1))
     monkeypatch.setattr(parallel, "WORKER_COMMAND", command)
+    sent = []
+    send = parallel._send
+    monkeypatch.setattr(parallel, "_send", lambda stream, message: (sent.append(message), send(stream, message)))
     got = report_without_time(merge(sources(pair), tmp_path / "dry", adopt=True, dry_run=True, workers=3))
     assert got == expected
-    assert all(a is None for a in answers)
+    assert not any(isinstance(a, list) for a in answers)  # nothing measured elsewhere
+    assert bool(sent) == takes_task  # the failure came with a task in hand, or before any
     assert all(p.returncode is not None for p in started)
 
 
