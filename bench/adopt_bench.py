@@ -23,7 +23,7 @@ For each size and kind, in one run: an independent computation (coremltools' own
 of both packages, float64 numpy, pairs known by construction) lists the pairs that meet the
 thresholds and the size the output should have (one function's weight.bin plus the bytes of the
 weights that fail); then each tool runs in its own process, timed, with its peak RSS (VmHWM;
-and the largest peak of any process it started, its helpers): ``milsurgery merge --adopt``
+and that of the helper processes it started): ``milsurgery merge --adopt``
 (weights measured on one process per CPU, the default), ``merge --adopt --workers 1`` (one
 process), ``milsurgery merge`` and, unless ``--no-reference``, coremltools'
 ``save_multifunction``. Inputs are read once before each run (warm page cache); milsurgery's
@@ -235,6 +235,8 @@ def run_case(workdir: str, size_mib: int, kind: str, reference: bool, rounds: in
         r = dict(ordered[(len(ordered) - 1) // 2])  # the median run (the lower one of an even count)
         r["rounds_seconds"] = [x["seconds"] for x in runs[tool]]
         r["peak_rss_mib"] = max(x["peak_rss_mib"] for x in runs[tool])
+        r["peak_rss_helpers_mib"] = max(x["peak_rss_helpers_mib"] for x in runs[tool])
+        r["helpers"] = max(x["helpers"] for x in runs[tool])
         result[tool] = r
         if tool == "merge --adopt":
             out = os.path.join(workdir, "out-mergeadopt.mlpackage")
@@ -280,8 +282,8 @@ def render(results: list[dict]) -> str:
         for tool in ("merge --adopt", "merge --adopt --workers 1", "merge", "save_multifunction"):
             if tool in r:
                 t = r[tool]
-                lines.append(f"  {tool:22s} {t['seconds']:8.2f} s  peak RSS {t['peak_rss_mib']:7.1f} MiB "
-                             f"(largest process incl. helpers {t['peak_rss_any_mib']:7.1f})  "
+                helpers = f" + {t['helpers']} helper(s) <= {t['peak_rss_helpers_mib']:5.1f} MiB" if t["helpers"] else ""
+                lines.append(f"  {tool:22s} {t['seconds']:8.2f} s  peak RSS {t['peak_rss_mib']:7.1f} MiB{helpers}  "
                              f"weight.bin {t['output_bytes'] / 2**20:8.1f} MiB")
         extra = f", {r['time_vs_save_multifunction']}x save_multifunction's time" if "time_vs_save_multifunction" in r else ""
         lines.append(f"  adoption pass (in process, dry run): {r['adopt_seconds_in_process']:.2f} s, "

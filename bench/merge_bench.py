@@ -120,22 +120,40 @@ def _hwm_kib(pid: int) -> int | None:
     return None
 
 
+def _children(pid: int) -> list[int]:
+    """The processes ``pid`` started (any of its threads; Linux ``children`` files)."""
+    out = []
+    try:
+        for tid in os.listdir(f"/proc/{pid}/task"):
+            with open(f"/proc/{pid}/task/{tid}/children") as f:
+                out += [int(c) for c in f.read().split()]
+    except OSError:
+        pass
+    return out
+
+
 def timed(cmd: list[str]) -> dict:
     """Run ``cmd`` in its own process: wall seconds and peak RSS in MiB.
 
     Peak RSS is the child's VmHWM, sampled every few milliseconds until it exits: unlike
     ``ru_maxrss`` it is per address space, so it does not include the memory of the (large)
     process that started the child. Where /proc is missing (macOS), ``ru_maxrss`` from wait4.
-    ``peak_rss_any_mib`` is wait4's ``ru_maxrss``: the largest peak of the child and the
-    processes it started and waited for (helper processes).
+    ``peak_rss_helpers_mib`` is the largest VmHWM of the processes the child started (helpers,
+    sampled likewise; 0 if none), ``helpers`` how many there were. (wait4's ``ru_maxrss`` would
+    not do: on exec a process inherits the peak of the process it was forked from.)
     """
     start = time.perf_counter()
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     peak = 0
+    helpers: dict[int, int] = {}
     while True:
         hwm = _hwm_kib(proc.pid)
         if hwm is not None:
             peak = max(peak, hwm)
+        for child in _children(proc.pid):
+            child_hwm = _hwm_kib(child)
+            if child_hwm is not None:
+                helpers[child] = max(helpers.get(child, 0), child_hwm)
         try:
             _pid, status, usage = os.wait4(proc.pid, os.WNOHANG)
         except ChildProcessError:
@@ -149,10 +167,10 @@ def timed(cmd: list[str]) -> dict:
     proc.returncode = os.waitstatus_to_exitcode(status)
     if proc.returncode != 0:
         raise SystemExit(f"{' '.join(cmd[:4])} ... failed:\n{stderr[-2000:]}")
-    any_peak = usage.ru_maxrss // 1024 if sys.platform == "darwin" else usage.ru_maxrss  # KiB
     if not peak:
-        peak = any_peak
-    return {"seconds": round(wall, 3), "peak_rss_mib": round(peak / 1024, 1), "peak_rss_any_mib": round(any_peak / 1024, 1)}
+        peak = usage.ru_maxrss // 1024 if sys.platform == "darwin" else usage.ru_maxrss  # KiB
+    return {"seconds": round(wall, 3), "peak_rss_mib": round(peak / 1024, 1),
+            "peak_rss_helpers_mib": round(max(helpers.values(), default=0) / 1024, 1), "helpers": len(helpers)}
 
 
 def compile_package() -> None:
