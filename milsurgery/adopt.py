@@ -380,17 +380,15 @@ class _Judge:
     anchor's: {(id of file, record offset): size})."""
 
     def __init__(self, thresholds: Thresholds):
-        from .measure import Sketches, distance
+        from .measure import Sketches
 
         self.thresholds, self.sketch, self.norms = thresholds, Sketches(), {}
-        self.distance = distance
 
     def propose(self, w: Weight, candidates: list[Weight]) -> tuple:
         """("identical", candidate) or ("measure", [(candidate, {blob key: (size, equal)})...])."""
-        mine = self.sketch(w)
         base = _base_name(w.name)
-        ranked = sorted((self.distance(self.sketch(c), mine), _base_name(c.name) != base, i)
-                        for i, c in enumerate(candidates))
+        ranked = sorted((d, _base_name(c.name) != base, i)
+                        for i, (c, d) in enumerate(zip(candidates, self.sketch.distances(candidates, w))))
         # The best sketch is always measured; a runner-up only if its sketch is about as close
         # (a clear winner is not second-guessed with another full pass).
         nearest = ranked[0][0]

@@ -111,13 +111,22 @@ def _unpack(raw: np.ndarray, bits: int, skip: int, count: int, signed: bool) -> 
             codes[:, i] = (v >> word(i * bits)) & word(mask)
         codes = codes.reshape(-1)[:count]
     else:
-        # Any width and offset: each code from the two bytes holding it.
-        p = skip + np.arange(count, dtype=np.int64) * bits
-        padded = np.zeros(raw.size + 2, dtype=np.uint8)
-        padded[: raw.size] = raw
-        at = p >> 3
-        pair = padded[at].astype(np.uint16) | (padded[at + 1].astype(np.uint16) << np.uint16(8))
-        codes = ((pair >> (p & 7).astype(np.uint16)) & np.uint16(mask)).astype(np.uint8)
+        return _codes_at(raw, bits, skip + np.arange(count, dtype=np.int64) * bits, signed)
+    if signed:  # two's complement: flip the sign bit, then subtract it
+        half = 1 << (bits - 1)
+        codes = (codes ^ np.uint8(half)).view(np.int8) - np.int8(half)
+    return codes
+
+
+def _codes_at(raw: np.ndarray, bits: int, positions: np.ndarray, signed: bool) -> np.ndarray:
+    """The codes of ``bits`` bits (at most 8) starting at bit ``positions`` of bytes ``raw``, LSB
+    first: each from the two bytes holding it."""
+    mask = (1 << bits) - 1
+    padded = np.zeros(raw.size + 2, dtype=np.uint8)
+    padded[: raw.size] = raw
+    at = positions >> 3
+    pair = padded[at].astype(np.uint16) | (padded[at + 1].astype(np.uint16) << np.uint16(8))
+    codes = ((pair >> (positions & 7).astype(np.uint16)) & np.uint16(mask)).astype(np.uint8)
     if signed:  # two's complement: flip the sign bit, then subtract it
         half = 1 << (bits - 1)
         codes = (codes ^ np.uint8(half)).view(np.int8) - np.int8(half)
@@ -170,7 +179,18 @@ class _ValueNode(_Node):
         n = _rowlen(self.shape)
         if self._array is not None:
             return self._array.reshape(-1, n)[rows][:, cols]
-        return np.stack([self._read(int(r) * n, (int(r) + 1) * n)[cols] for r in rows])
+        d = self.resolved.blob.dtype
+        if not d.sub_byte:
+            return np.stack([self._read(int(r) * n, (int(r) + 1) * n)[cols] for r in rows])
+        # Sub-byte codes: each row's bytes are read, only the picked codes decoded.
+        blob, fd = self.resolved.blob, self.resolved.file.fileno()
+        out = []
+        for r in rows:
+            e0, e1 = int(r) * n, (int(r) + 1) * n
+            b0, b1 = e0 * d.bits // 8, -(-e1 * d.bits // 8)
+            raw = np.frombuffer(os.pread(fd, b1 - b0, blob.data_offset + b0), dtype=np.uint8)
+            out.append(_codes_at(raw, d.bits, e0 * d.bits - b0 * 8 + cols.astype(np.int64) * d.bits, d.name == "int4"))
+        return np.stack(out)
 
 
 def _decode_immediate(value: pb.Value, shape, pkg: Package, where: str) -> np.ndarray:

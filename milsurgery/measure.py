@@ -570,12 +570,29 @@ class Sketches:
 
     def __init__(self):
         self._cache: dict[int, np.ndarray] = {}
+        self._stacks: dict[int, tuple[list[Weight], np.ndarray]] = {}
 
     def __call__(self, w: Weight) -> np.ndarray:
         s = self._cache.get(id(w))
         if s is None:
             s = self._cache[id(w)] = sample_values(w, SKETCH_VALUES)
         return s
+
+    def distances(self, candidates: list[Weight], w: Weight) -> list[float]:
+        """:func:`distance` of each candidate's sketch from ``w``'s, in one pass over the
+        candidates' sketches (stacked once per candidate list: many targets share one)."""
+        kept = self._stacks.get(id(candidates))
+        if kept is None or kept[0] is not candidates:
+            sketches = [self(c) for c in candidates]
+            if len({s.size for s in sketches}) != 1:
+                return [distance(s, self(w)) for s in sketches]
+            kept = self._stacks[id(candidates)] = (candidates, np.stack(sketches))
+        mine = self(w)
+        if kept[1].shape[1] != mine.size:
+            return [distance(self(c), mine) for c in candidates]
+        with np.errstate(all="ignore"):
+            d = np.sqrt(np.einsum("ij,ij->i", kept[1] - mine, kept[1] - mine)) / (float(np.linalg.norm(mine)) + 1e-30)
+        return [float(x) if math.isfinite(x) else math.inf for x in d]
 
 
 def distance(a: np.ndarray, b: np.ndarray) -> float:
