@@ -37,8 +37,8 @@ __all__ = ["measure_pairs", "helpers_for", "Helpers", "default_workers", "MIN_PA
 #: Blob bytes the weights to measure must hold, at least, before helper processes are started:
 #: a helper takes about 0.3 s of another CPU to start (numpy and this package imported), CPU
 #: the writer's copy also wants. Measured with 2 CPUs (adopt_bench, whole command, one process
-#: against two): even at 192-216 MiB, 0.26 s faster at 289 MiB, 0.1 s slower at 72 MiB.
-MIN_PARALLEL_BYTES = 256 << 20
+#: against two): even at 192-216 MiB of inputs, 0.26 s faster at 289 MiB, 0.1 s slower at 72 MiB.
+MIN_PARALLEL_BYTES = 128 << 20
 #: The command that starts a helper (a list: argv).
 WORKER_COMMAND = [sys.executable, "-m", "milsurgery.parallel"]
 
