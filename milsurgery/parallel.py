@@ -173,14 +173,7 @@ def _kill_live() -> None:
     with _live_lock:
         procs = list(_live)
     for p in procs:
-        try:
-            p.kill()
-            p.wait()
-        except OSError:
-            pass
-
-
-atexit.register(_kill_live)
+        _stop(p)
 
 
 def _start(fds: list[int]) -> subprocess.Popen | None:
@@ -209,6 +202,9 @@ def _stop(p: subprocess.Popen) -> None:
     p.wait()
     with _live_lock:
         _live.discard(p)
+
+
+atexit.register(_kill_live)
 
 
 class Helpers:

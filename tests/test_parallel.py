@@ -136,6 +136,7 @@ def test_failing_helpers_change_nothing(pairs, tmp_path, always_parallel, monkey
     assert all(p.returncode is not None for p in started)
 
 
+@pytest.mark.skipif(not os.path.isdir("/proc/self"), reason="reads process states from /proc")
 def test_helper_ends_when_its_parent_dies(pairs, tmp_path):
     """A helper's input closes when the process that started it is gone: it exits rather than
     linger (the parent was killed, so nothing cleaned up after it)."""
@@ -164,6 +165,27 @@ def test_helper_ends_when_its_parent_dies(pairs, tmp_path):
         time.sleep(0.05)
     else:
         pytest.fail(f"helper {pid} still running a minute after its parent exited")
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self"), reason="reads process states from /proc")
+def test_helpers_left_open_are_killed_at_exit(pairs):
+    """A process that exits without closing its helpers (an interrupt unwinding past them) kills
+    and reaps them on the way out: none outlives it."""
+    script = (
+        "import sys\n"
+        "from milsurgery import parallel\n"
+        "from milsurgery.dequant import find_weights\n"
+        "from milsurgery.package import Package\n"
+        "pkg = Package(sys.argv[1])\n"
+        "h = parallel.helpers_for(find_weights(pkg, 'main'), workers=3, min_parallel_bytes=0)\n"
+        "print(*(p.pid for p in h.procs), flush=True)\n"
+        "sys.exit(0)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", script, pairs["int4_block"][0]], capture_output=True, text=True, check=True)
+    pids = [int(p) for p in out.stdout.split()]
+    assert len(pids) == 2
+    for pid in pids:
+        assert not os.path.exists(f"/proc/{pid}"), f"helper {pid} outlived its parent"
 
 
 def test_shrink_in_place_with_helpers(pairs, tmp_path, always_parallel):
