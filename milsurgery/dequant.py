@@ -148,13 +148,19 @@ class _ValueNode(_Node):
         if resolved is None:
             self._array = _decode_immediate(value, shape, pkg, where)
 
+    def _packed(self, e0: int, e1: int) -> tuple[np.ndarray, int]:
+        """The bytes holding sub-byte elements [e0, e1), and the bit of the first one in them."""
+        blob, d = self.resolved.blob, self.resolved.blob.dtype
+        b0, b1 = e0 * d.bits // 8, -(-e1 * d.bits // 8)
+        raw = np.frombuffer(os.pread(self.resolved.file.fileno(), b1 - b0, blob.data_offset + b0), dtype=np.uint8)
+        return raw, e0 * d.bits - b0 * 8
+
     def _read(self, e0: int, e1: int) -> np.ndarray:
         blob, bf = self.resolved.blob, self.resolved.file
         d = blob.dtype
         if d.sub_byte:
-            b0, b1 = e0 * d.bits // 8, -(-e1 * d.bits // 8)
-            raw = np.frombuffer(os.pread(bf.fileno(), b1 - b0, blob.data_offset + b0), dtype=np.uint8)
-            return _unpack(raw, d.bits, e0 * d.bits - b0 * 8, e1 - e0, d.name == "int4")
+            raw, skip = self._packed(e0, e1)
+            return _unpack(raw, d.bits, skip, e1 - e0, d.name == "int4")
         width = d.bits // 8
         raw = os.pread(bf.fileno(), (e1 - e0) * width, blob.data_offset + e0 * width)
         if d.name == "bfloat16":
@@ -183,13 +189,10 @@ class _ValueNode(_Node):
         if not d.sub_byte:
             return np.stack([self._read(int(r) * n, (int(r) + 1) * n)[cols] for r in rows])
         # Sub-byte codes: each row's bytes are read, only the picked codes decoded.
-        blob, fd = self.resolved.blob, self.resolved.file.fileno()
         out = []
         for r in rows:
-            e0, e1 = int(r) * n, (int(r) + 1) * n
-            b0, b1 = e0 * d.bits // 8, -(-e1 * d.bits // 8)
-            raw = np.frombuffer(os.pread(fd, b1 - b0, blob.data_offset + b0), dtype=np.uint8)
-            out.append(_codes_at(raw, d.bits, e0 * d.bits - b0 * 8 + cols.astype(np.int64) * d.bits, d.name == "int4"))
+            raw, skip = self._packed(int(r) * n, (int(r) + 1) * n)
+            out.append(_codes_at(raw, d.bits, skip + cols.astype(np.int64) * d.bits, d.name == "int4"))
         return np.stack(out)
 
 

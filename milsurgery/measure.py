@@ -579,23 +579,14 @@ class Sketches:
         return s
 
     def distances(self, candidates: list[Weight], w: Weight) -> list[float]:
-        """:func:`distance` of each candidate's sketch from ``w``'s, in one pass over the
-        candidates' sketches (stacked once per candidate list: many targets share one)."""
+        """Relative L2 distance (infinite if not finite) of each candidate's sketch from ``w``'s,
+        in one pass over the candidates' sketches, stacked once per candidate list (many targets
+        share one; candidates have ``w``'s structure, so their sketches have its size)."""
         kept = self._stacks.get(id(candidates))
         if kept is None or kept[0] is not candidates:
-            sketches = [self(c) for c in candidates]
-            if len({s.size for s in sketches}) != 1:
-                return [distance(s, self(w)) for s in sketches]
-            kept = self._stacks[id(candidates)] = (candidates, np.stack(sketches))
+            kept = self._stacks[id(candidates)] = (candidates, np.stack([self(c) for c in candidates]))
         mine = self(w)
-        if kept[1].shape[1] != mine.size:
-            return [distance(self(c), mine) for c in candidates]
         with np.errstate(all="ignore"):
-            d = np.sqrt(np.einsum("ij,ij->i", kept[1] - mine, kept[1] - mine)) / (float(np.linalg.norm(mine)) + 1e-30)
+            diff = kept[1] - mine
+            d = np.sqrt(np.einsum("ij,ij->i", diff, diff)) / (float(np.linalg.norm(mine)) + 1e-30)
         return [float(x) if math.isfinite(x) else math.inf for x in d]
-
-
-def distance(a: np.ndarray, b: np.ndarray) -> float:
-    """Relative L2 distance of sketch ``a`` from sketch ``b`` (infinite if not finite)."""
-    d = float(np.linalg.norm(a - b))
-    return d / (float(np.linalg.norm(b)) + 1e-30) if math.isfinite(d) else math.inf
